@@ -1,0 +1,259 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The in-memory COW bitmap and its bit math.
+//!
+//! Invariant (R7): bits are only ever set, never cleared. Sector `N` is bit
+//! `N % 8` (LSB first) of byte `N / 8`, the same on every host.
+//!
+//! The bitmap is an array of atomics so that readers test bits without a
+//! lock, and so that the kernel may read a byte range of it (a bitmap write
+//! issued straight from memory, R1) while other threads set bits in other
+//! bytes. Which bytes may change while a write is in flight is decided by
+//! `disk::bitmap_writeback` (R3), not here.
+
+use std::{
+    ops::Range,
+    sync::atomic::{AtomicU8, Ordering},
+};
+
+/// Bitmap byte holding a sector's bit.
+pub fn byte_of(sector: u64) -> u64 {
+    sector / 8
+}
+
+/// Mask of a sector's bit within its byte.
+pub fn mask_of(sector: u64) -> u8 {
+    1u8 << (sector % 8)
+}
+
+/// Bitmap bytes `[b0, b1)` that hold the bits of sectors `[start, end)`
+/// (empty when the sector range is).
+pub fn byte_range(sectors: Range<u64>) -> Range<u64> {
+    if sectors.start >= sectors.end {
+        return 0..0;
+    }
+    byte_of(sectors.start)..byte_of(sectors.end - 1) + 1
+}
+
+/// The bitmap of a COW device, authoritative while the daemon runs.
+pub struct Bitmap {
+    bytes: Box<[AtomicU8]>,
+    nsect: u64,
+}
+
+impl std::fmt::Debug for Bitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bitmap")
+            .field("len", &self.bytes.len())
+            .field("nsect", &self.nsect)
+            .finish()
+    }
+}
+
+impl Bitmap {
+    /// Builds a bitmap for `nsect` sectors from the bytes read off disk
+    /// (`disk` may be shorter: missing bytes are clear; longer: truncated).
+    pub fn from_bytes(mut disk: Vec<u8>, nsect: u64) -> Self {
+        let len = usize::try_from(nsect.div_ceil(8)).unwrap_or(usize::MAX);
+        disk.resize(len, 0);
+        let boxed = disk.into_boxed_slice();
+        let len = boxed.len();
+        let ptr = Box::into_raw(boxed).cast::<AtomicU8>();
+        // SAFETY: `AtomicU8` has the same size, alignment and bit validity
+        // as `u8` (documented in std), and the allocation came from a
+        // `Box<[u8]>` of `len` elements, so it is a valid `Box<[AtomicU8]>`.
+        let bytes = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) };
+        Self { bytes, nsect }
+    }
+
+    /// Sectors covered.
+    pub fn nsect(&self) -> u64 {
+        self.nsect
+    }
+
+    /// Bytes of the in-memory bitmap.
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// True for a bitmap of zero sectors.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn byte(&self, idx: u64) -> Option<&AtomicU8> {
+        usize::try_from(idx).ok().and_then(|i| self.bytes.get(i))
+    }
+
+    /// Is the sector's data in the COW file? Out-of-range sectors are clear.
+    pub fn test(&self, sector: u64) -> bool {
+        sector < self.nsect
+            && self
+                .byte(byte_of(sector))
+                .is_some_and(|b| b.load(Ordering::Acquire) & mask_of(sector) != 0)
+    }
+
+    /// True when every sector of the range has its bit set (fast path of
+    /// reads and rewrites: such sectors can never go back to the backing).
+    pub fn all_set(&self, sectors: Range<u64>) -> bool {
+        if sectors.end > self.nsect {
+            return false;
+        }
+        let mut s = sectors.start;
+        while s < sectors.end {
+            let Some(b) = self.byte(byte_of(s)) else {
+                return false;
+            };
+            let v = b.load(Ordering::Acquire);
+            if s % 8 == 0 && sectors.end - s >= 8 {
+                if v != 0xff {
+                    return false;
+                }
+                s += 8;
+            } else {
+                if v & mask_of(s) == 0 {
+                    return false;
+                }
+                s += 1;
+            }
+        }
+        true
+    }
+
+    /// Sets the bits of a sector range (clamped to the device). Returns
+    /// whether any bit changed.
+    pub fn set_range(&self, sectors: Range<u64>) -> bool {
+        let end = sectors.end.min(self.nsect);
+        let mut changed = false;
+        let mut s = sectors.start;
+        while s < end {
+            let Some(b) = self.byte(byte_of(s)) else {
+                break;
+            };
+            let (mask, step) = if s % 8 == 0 && end - s >= 8 {
+                (0xffu8, 8)
+            } else {
+                let first = s % 8;
+                let last = ((end - s).min(8 - first)) + first;
+                let mut m = 0u8;
+                for bit in first..last {
+                    m |= 1 << bit;
+                }
+                (m, last - first)
+            };
+            changed |= b.fetch_or(mask, Ordering::AcqRel) & mask != mask;
+            s += step;
+        }
+        changed
+    }
+
+    /// Number of sectors whose bit is set (bits past `nsect` ignored).
+    pub fn count_set(&self) -> u64 {
+        let mut n = 0u64;
+        for (i, b) in self.bytes.iter().enumerate() {
+            let mut v = b.load(Ordering::Relaxed);
+            let first = (i as u64).saturating_mul(8);
+            if first.saturating_add(8) > self.nsect {
+                let valid = self.nsect.saturating_sub(first);
+                v &= ((1u16 << valid) - 1) as u8;
+            }
+            n += u64::from(v.count_ones());
+        }
+        n
+    }
+
+    /// Copies a byte range out (for tests and `info`).
+    pub fn snapshot(&self, bytes: Range<u64>) -> Vec<u8> {
+        (bytes.start..bytes.end.min(self.len()))
+            .filter_map(|i| self.byte(i).map(|b| b.load(Ordering::Acquire)))
+            .collect()
+    }
+
+    /// Pointer to a byte of the bitmap, for a write issued straight from
+    /// memory (R1). `None` if the range is not inside the bitmap.
+    pub fn as_ptr(&self, bytes: Range<u64>) -> Option<*const u8> {
+        if bytes.start > bytes.end || bytes.end > self.len() {
+            return None;
+        }
+        let start = usize::try_from(bytes.start).ok()?;
+        // `AtomicU8::as_ptr` gives a `*mut u8` into the atomic's cell, valid
+        // for as long as `self` lives.
+        self.bytes.get(start..).map(|s| s.as_ptr().cast::<u8>())
+    }
+
+    /// Sector runs `(start, end, set)` of uniform bit value covering `sectors`.
+    pub fn runs(&self, sectors: Range<u64>) -> Vec<(u64, u64, bool)> {
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut s = sectors.start;
+        while s < sectors.end {
+            let v = self.test(s);
+            match out.last_mut() {
+                Some(last) if last.2 == v => last.1 = s + 1,
+                _ => out.push((s, s + 1, v)),
+            }
+            s += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_order_is_lsb_first_per_byte() {
+        let bm = Bitmap::from_bytes(vec![], 64);
+        bm.set_range(0..2);
+        bm.set_range(7..10);
+        assert_eq!(bm.snapshot(0..2), vec![0x83, 0x03]);
+        assert!(bm.test(7) && bm.test(9) && !bm.test(10));
+        assert_eq!(byte_range(0..1), 0..1);
+        assert_eq!(byte_range(7..9), 0..2);
+        assert_eq!(byte_range(8..16), 1..2);
+        assert_eq!(byte_range(5..5), 0..0);
+        assert_eq!((byte_of(1_000_000), mask_of(1_000_000)), (125_000, 1));
+        assert_eq!((byte_of(2_097_151), mask_of(2_097_151)), (262_143, 0x80));
+    }
+
+    #[test]
+    fn set_range_reports_changes_and_is_idempotent() {
+        let bm = Bitmap::from_bytes(vec![], 100);
+        assert!(bm.set_range(3..21));
+        assert!(!bm.set_range(3..21));
+        assert!(bm.set_range(20..22));
+        assert_eq!(bm.count_set(), 19);
+        assert!(bm.all_set(3..22));
+        assert!(!bm.all_set(2..22));
+        assert!(!bm.all_set(3..23));
+        for s in 0..100 {
+            assert_eq!(bm.test(s), (3..22).contains(&s), "sector {s}");
+        }
+    }
+
+    #[test]
+    fn bits_past_the_device_are_ignored() {
+        let bm = Bitmap::from_bytes(vec![0xff, 0xff], 10);
+        assert_eq!(bm.count_set(), 10);
+        assert!(!bm.test(10));
+        assert!(!bm.all_set(8..11));
+        bm.set_range(9..40);
+        assert_eq!(bm.len(), 2);
+    }
+
+    #[test]
+    fn runs_split_by_bit_value() {
+        let bm = Bitmap::from_bytes(vec![], 32);
+        bm.set_range(4..6);
+        assert_eq!(
+            bm.runs(2..9),
+            vec![(2, 4, false), (4, 6, true), (6, 9, false)]
+        );
+    }
+
+    #[test]
+    fn as_ptr_stays_inside() {
+        let bm = Bitmap::from_bytes(vec![1, 2, 3], 24);
+        assert!(bm.as_ptr(0..3).is_some());
+        assert!(bm.as_ptr(1..4).is_none());
+    }
+}

@@ -1,0 +1,534 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Creating and opening COW files: the header, the backing-file checks and
+//! the locks (R6). No I/O policy: the write path lives in `disk::cow`.
+//!
+//! Invariant (R6): the backing file is opened read-only and never written;
+//! its size and mtime must equal the header's. The COW file carries an OFD
+//! write lock and the backing file an OFD read lock, which conflict with the
+//! classic POSIX locks UML takes, so a COW in use by a UML guest or another
+//! daemon is refused.
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+use super::{
+    bitmap::Bitmap,
+    header::{has_cow_magic, CowHeader, Geometry, HeaderError, MAX_HEADER_LEN},
+};
+
+/// Why a COW file could not be created or opened. Every message names the
+/// file and says what to do.
+#[derive(Debug, Error)]
+pub enum CowFileError {
+    /// The COW file could not be opened.
+    #[error("cannot open COW file {path}: {source}")]
+    Open {
+        /// The COW file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the header or bitmap failed.
+    #[error("cannot read {what} of COW file {path}: {source}")]
+    Read {
+        /// The COW file.
+        path: PathBuf,
+        /// "header" or "bitmap".
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The header is corrupt.
+    #[error("COW file {path} has a bad header: {source}")]
+    Header {
+        /// The COW file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: HeaderError,
+    },
+    /// The file is not a COW file at all.
+    #[error("{path} is not a UML COW file (no COW magic); serve it with --raw if it is a plain disk image")]
+    NotCow {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The bitmap area lies past the end of the file.
+    #[error("COW file {path} is truncated: its bitmap ends at byte {need} but the file has {have} bytes")]
+    BitmapTruncated {
+        /// The COW file.
+        path: PathBuf,
+        /// End of the bitmap.
+        need: u64,
+        /// File length.
+        have: u64,
+    },
+    /// The backing file could not be opened.
+    #[error("cannot open backing file {backing} of COW file {cow}: {source}")]
+    OpenBacking {
+        /// The COW file.
+        cow: PathBuf,
+        /// The backing file.
+        backing: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backing file's size differs from the header's.
+    #[error(
+        "backing file {backing} has size {actual} but COW file {cow} was made for size {header}: \
+         the base was modified after the COW was made. Restore the original base image, or \
+         recreate the COW (its contents are lost)"
+    )]
+    BackingSize {
+        /// The COW file.
+        cow: PathBuf,
+        /// The backing file.
+        backing: PathBuf,
+        /// Size in the header.
+        header: u64,
+        /// Size on disk.
+        actual: u64,
+    },
+    /// The backing file's mtime differs from the header's.
+    #[error(
+        "backing file {backing} has mtime {actual} but COW file {cow} recorded mtime {header}: \
+         the base was modified (or touched) after the COW was made. Restore the original base \
+         image (or its mtime, `touch -d @{header}` if its contents are unchanged), or recreate \
+         the COW (its contents are lost)"
+    )]
+    BackingMtime {
+        /// The COW file.
+        cow: PathBuf,
+        /// The backing file.
+        backing: PathBuf,
+        /// mtime in the header.
+        header: u64,
+        /// mtime on disk.
+        actual: i64,
+    },
+    /// Another process holds a conflicting lock.
+    #[error(
+        "{role} {path} is locked by {holder}: it is in use by another vhost-user-ubd, a UML guest \
+         or another tool. Stop that user first, or use another COW file"
+    )]
+    Locked {
+        /// "COW file" or "backing file".
+        role: &'static str,
+        /// The locked file.
+        path: PathBuf,
+        /// Who holds it, as far as the kernel says.
+        holder: String,
+    },
+    /// Taking a lock failed for another reason.
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating the COW file failed.
+    #[error("cannot create COW file {path}: {source}")]
+    Create {
+        /// The COW file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backing file cannot back a COW.
+    #[error("cannot create COW file {path} over {backing}: {reason}")]
+    BadBacking {
+        /// The COW file.
+        path: PathBuf,
+        /// The backing file.
+        backing: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn flock(kind: libc::c_int) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct for which all-zero is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
+}
+
+/// Takes a whole-file OFD lock (`F_RDLCK` or `F_WRLCK`) without waiting.
+pub fn ofd_lock(
+    file: &File,
+    path: &Path,
+    write: bool,
+    role: &'static str,
+) -> Result<(), CowFileError> {
+    let kind = if write { libc::F_WRLCK } else { libc::F_RDLCK };
+    let mut fl = flock(kind);
+    // SAFETY: `fcntl` with F_OFD_SETLK reads the `flock` we pass and does not
+    // keep the pointer; the fd is valid for the duration of the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &raw mut fl) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => {
+            let mut probe = flock(kind);
+            // SAFETY: as above; F_OFD_GETLK fills in the struct we own.
+            let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &raw mut probe) };
+            let holder = if rc == 0 && probe.l_pid > 0 {
+                format!("process {} (a POSIX lock, e.g. UML)", probe.l_pid)
+            } else {
+                "another open file description (an OFD lock, e.g. another vhost-user-ubd)".into()
+            };
+            Err(CowFileError::Locked {
+                role,
+                path: path.to_path_buf(),
+                holder,
+            })
+        }
+        _ => Err(CowFileError::Lock {
+            path: path.to_path_buf(),
+            source: err,
+        }),
+    }
+}
+
+/// The absolute path `uml_mkcow` stores: the directory part resolved
+/// physically (as `chdir` + `getcwd` do), the last component kept as given.
+pub fn uml_absolute_path(backing: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = backing.as_os_str().as_bytes();
+    match bytes.iter().rposition(|&c| c == b'/') {
+        None => Ok(std::env::current_dir()?.join(backing)),
+        Some(pos) => {
+            let (dir, name) = bytes.split_at(pos);
+            let name = std::ffi::OsStr::from_bytes(name.get(1..).unwrap_or_default());
+            let dir = if dir.is_empty() {
+                PathBuf::from("/")
+            } else {
+                std::fs::canonicalize(std::ffi::OsStr::from_bytes(dir))?
+            };
+            Ok(if dir == Path::new("/") {
+                let mut p = PathBuf::from("/");
+                p.push(name);
+                p
+            } else {
+                let mut s = dir.into_os_string();
+                s.push("/");
+                s.push(name);
+                PathBuf::from(s)
+            })
+        }
+    }
+}
+
+/// Creates a COW file over `backing` exactly as `uml_mkcow` does: a V3
+/// header, then one zero byte at `data_offset + size - 1` (a sparse file).
+/// Fails if `path` exists.
+pub fn create_cow(path: &Path, backing: &Path, alignment: u32) -> Result<CowHeader, CowFileError> {
+    let bad = |reason: String| CowFileError::BadBacking {
+        path: path.to_path_buf(),
+        backing: backing.to_path_buf(),
+        reason,
+    };
+    let abs = uml_absolute_path(backing).map_err(|e| bad(e.to_string()))?;
+    let meta = std::fs::metadata(&abs).map_err(|e| bad(format!("{}: {e}", abs.display())))?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.size() == 0 {
+        return Err(bad("the backing file is empty".into()));
+    }
+    // UML stores the low 32 bits of st_mtime.
+    let mtime = meta.mtime() as u32;
+    let header =
+        CowHeader::new_v3(&abs, mtime, meta.size(), alignment).map_err(|e| bad(e.to_string()))?;
+    let geometry = header.geometry().map_err(|e| bad(e.to_string()))?;
+    let bytes = header.to_v3_bytes().map_err(|e| bad(e.to_string()))?;
+    let create = |e: io::Error| CowFileError::Create {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(create)?;
+    let result = (|| {
+        file.write_all_at(&bytes, 0)?;
+        file.write_all_at(&[0], geometry.initial_file_len() - 1)?;
+        file.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(path);
+        return Err(create(e));
+    }
+    Ok(header)
+}
+
+use std::os::unix::fs::FileTypeExt;
+
+/// How to open a COW file.
+#[derive(Clone, Debug, Default)]
+pub struct OpenCow {
+    /// Serve read-only: no write lock, COW opened `O_RDONLY`.
+    pub readonly: bool,
+    /// Backing file to use instead of the header's path (must be the same
+    /// file or pass the same size/mtime check).
+    pub backing: Option<PathBuf>,
+    /// Open the data descriptors with `O_DIRECT`.
+    pub direct: bool,
+    /// Skip locking (for `info` on a COW in use).
+    pub no_lock: bool,
+}
+
+/// An open, checked and locked COW file with its bitmap loaded.
+#[derive(Debug)]
+pub struct CowFile {
+    /// Path of the COW file.
+    pub path: PathBuf,
+    /// Path of the backing file actually used.
+    pub backing_path: PathBuf,
+    /// The header.
+    pub header: CowHeader,
+    /// The layout.
+    pub geometry: Geometry,
+    /// Buffered descriptor of the COW file: header, bitmap writes, syncs;
+    /// it carries the OFD lock.
+    pub meta_fd: File,
+    /// Descriptor for data I/O (`O_DIRECT` when asked and supported).
+    pub data_fd: File,
+    /// The backing file, read-only (`O_DIRECT` like `data_fd`).
+    pub backing_fd: File,
+    /// Whether `data_fd` really is `O_DIRECT`.
+    pub direct: bool,
+    /// Whether `backing_fd` really is `O_DIRECT`.
+    pub backing_direct: bool,
+    /// The bitmap as read from the file.
+    pub bitmap: Bitmap,
+}
+
+fn open_maybe_direct(path: &Path, write: bool, direct: bool) -> io::Result<(File, bool)> {
+    if direct {
+        match OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!(
+                    "{}: the filesystem does not support O_DIRECT; using the page cache",
+                    path.display()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map(|f| (f, false))
+}
+
+/// Reads the first bytes of a file (up to the largest header).
+pub fn read_header_bytes(file: &File) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_HEADER_LEN];
+    let mut got = 0;
+    while got < buf.len() {
+        let n = file.read_at(buf.get_mut(got..).unwrap_or_default(), got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Parses the header of an open file.
+pub fn read_header(file: &File, path: &Path) -> Result<CowHeader, CowFileError> {
+    let buf = read_header_bytes(file).map_err(|e| CowFileError::Read {
+        path: path.to_path_buf(),
+        what: "header",
+        source: e,
+    })?;
+    if !has_cow_magic(&buf) && buf.len() >= 4 {
+        return Err(CowFileError::NotCow {
+            path: path.to_path_buf(),
+        });
+    }
+    CowHeader::parse(&buf).map_err(|e| CowFileError::Header {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Compares the backing file with the header (size exact, mtime seconds).
+pub fn check_backing(
+    cow: &Path,
+    backing: &Path,
+    header: &CowHeader,
+    meta: &std::fs::Metadata,
+) -> Result<(), CowFileError> {
+    let size = if meta.file_type().is_block_device() {
+        header.size
+    } else {
+        meta.size()
+    };
+    if size != header.size {
+        return Err(CowFileError::BackingSize {
+            cow: cow.to_path_buf(),
+            backing: backing.to_path_buf(),
+            header: header.size,
+            actual: size,
+        });
+    }
+    // UML compares the stored 32-bit value with the 64-bit st_mtime.
+    if meta.mtime() != i64::from(header.mtime) {
+        return Err(CowFileError::BackingMtime {
+            cow: cow.to_path_buf(),
+            backing: backing.to_path_buf(),
+            header: u64::from(header.mtime),
+            actual: meta.mtime(),
+        });
+    }
+    Ok(())
+}
+
+impl CowFile {
+    /// Opens, checks and locks a COW file and loads its bitmap.
+    pub fn open(path: &Path, opts: &OpenCow) -> Result<Self, CowFileError> {
+        let open_err = |e| CowFileError::Open {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let meta_fd = OpenOptions::new()
+            .read(true)
+            .write(!opts.readonly)
+            .open(path)
+            .map_err(open_err)?;
+        if !opts.no_lock {
+            ofd_lock(&meta_fd, path, !opts.readonly, "COW file")?;
+        }
+        let header = read_header(&meta_fd, path)?;
+        let geometry = header.geometry().map_err(|e| CowFileError::Header {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let file_len = meta_fd.metadata().map_err(open_err)?.len();
+        let bitmap_end = geometry.bitmap_offset.saturating_add(geometry.bitmap_len);
+        if file_len < bitmap_end {
+            return Err(CowFileError::BitmapTruncated {
+                path: path.to_path_buf(),
+                need: bitmap_end,
+                have: file_len,
+            });
+        }
+
+        let backing_path = opts
+            .backing
+            .clone()
+            .unwrap_or_else(|| header.backing_file.clone());
+        let backing_err = |e| CowFileError::OpenBacking {
+            cow: path.to_path_buf(),
+            backing: backing_path.clone(),
+            source: e,
+        };
+        if let Some(given) = &opts.backing {
+            let same = match (
+                std::fs::metadata(given),
+                std::fs::metadata(&header.backing_file),
+            ) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if !same {
+                log::warn!(
+                    "COW file {}: using backing file {} instead of {} named in its header",
+                    path.display(),
+                    given.display(),
+                    header.backing_file.display()
+                );
+            }
+        }
+        let (backing_fd, backing_direct) =
+            open_maybe_direct(&backing_path, false, opts.direct).map_err(backing_err)?;
+        if !opts.no_lock {
+            ofd_lock(&backing_fd, &backing_path, false, "backing file")?;
+        }
+        let bmeta = backing_fd.metadata().map_err(backing_err)?;
+        check_backing(path, &backing_path, &header, &bmeta)?;
+
+        let (data_fd, direct) =
+            open_maybe_direct(path, !opts.readonly, opts.direct).map_err(open_err)?;
+        let (data_fd, direct) = if direct && geometry.data_offset % 512 != 0 {
+            log::warn!(
+                "COW file {}: data offset {} is not sector aligned; not using O_DIRECT",
+                path.display(),
+                geometry.data_offset
+            );
+            (
+                OpenOptions::new()
+                    .read(true)
+                    .write(!opts.readonly)
+                    .open(path)
+                    .map_err(open_err)?,
+                false,
+            )
+        } else {
+            (data_fd, direct)
+        };
+        let bitmap = load_bitmap(&meta_fd, path, &geometry)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            backing_path,
+            header,
+            geometry,
+            meta_fd,
+            data_fd,
+            backing_fd,
+            direct,
+            backing_direct,
+            bitmap,
+        })
+    }
+}
+
+/// Reads the on-disk bitmap into memory.
+pub fn load_bitmap(file: &File, path: &Path, g: &Geometry) -> Result<Bitmap, CowFileError> {
+    let read_err = |e| CowFileError::Read {
+        path: path.to_path_buf(),
+        what: "bitmap",
+        source: e,
+    };
+    let len = usize::try_from(g.bitmap_len).map_err(|_| {
+        read_err(io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            "bitmap larger than the address space",
+        ))
+    })?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, g.bitmap_offset)
+        .map_err(read_err)?;
+    Ok(Bitmap::from_bytes(bytes, g.nsect))
+}

@@ -1,0 +1,614 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The COW disk: routing of reads and the write path (R7).
+//!
+//! - A sector whose bit is set, or whose write completed and awaits its bit
+//!   (`unpersisted`, R5), is read from the COW data area; any other sector
+//!   from the backing file, zeros past the backing file's end.
+//! - A read whose backing part overlaps a pending or waiting bitmap write is
+//!   handed back with [`Submitted::Again`] (R4, decided by
+//!   `bitmap_writeback`); the caller parks it and retries it when `poll`
+//!   says so. Reads whose sectors all have their bit set take no lock.
+//! - A write goes to the COW data area. Its bits are set later, by the
+//!   durability thread (R2, R5); a rewrite of sectors whose bits are set
+//!   needs no bitmap work at all.
+//! - DISCARD and WRITE_ZEROES punch the COW data range and then count as a
+//!   write of those sectors, so their bits get set and they read as zeros
+//!   (R7: bits are never cleared).
+//! - The backing file is only ever read (R6).
+
+use std::{
+    ops::Range,
+    os::fd::{AsRawFd, RawFd},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use slab::Slab;
+
+use super::{
+    bitmap_writeback::BitmapWriteback,
+    check_request,
+    durability::{self, Channel, Cmd, Mailbox, Reply},
+    extents::ExtentSet,
+    file_id, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, IoVecs, Op, Request,
+    Submitted, SECTOR,
+};
+use crate::{
+    cow::{CowFile, OpenCow},
+    engine::{AlignedBuf, Engine, EventFd, IoDone, IoKind, IoOp},
+};
+
+const ZERO_CHUNK: usize = 64 * 1024;
+
+/// State shared by the queues and the durability thread, under one lock
+/// held only for short, I/O-free sections.
+#[derive(Debug, Default)]
+pub struct CowState {
+    /// Pending and waiting bitmap writes (R1-R4).
+    pub wb: BitmapWriteback<u64>,
+    /// Sectors whose write completed but whose bit is not set yet.
+    pub unpersisted: ExtentSet,
+    /// When `unpersisted` last went from clean to dirty.
+    pub since: Option<Instant>,
+    /// A queue saw too many pending extents.
+    pub checkpoint_requested: bool,
+}
+
+/// Everything about an open COW disk.
+#[derive(Debug)]
+pub struct CowShared {
+    /// The open, locked file with its bitmap.
+    pub file: CowFile,
+    /// Size and names.
+    pub info: DiskInfo,
+    /// Bitmap scheduler and unpersisted writes.
+    pub state: Mutex<CowState>,
+    /// Writeback (true) or writethrough.
+    pub writeback: AtomicBool,
+    /// Shut down: requests fail.
+    pub closed: AtomicBool,
+    /// Options it was opened with.
+    pub opts: DiskOptions,
+    /// Commands to the durability thread.
+    pub channel: Channel,
+    /// Writes completed since the last `fdatasync` was issued.
+    pub writes_since_sync: AtomicU64,
+    zeros: AlignedBuf,
+}
+
+/// A COW file over a read-only backing file.
+#[derive(Debug)]
+pub struct CowDisk {
+    shared: Arc<CowShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl CowDisk {
+    /// Opens (checks, locks, loads the bitmap) and starts the durability
+    /// thread.
+    pub fn open(path: &Path, opts: &DiskOptions) -> Result<Self, DiskError> {
+        let file = CowFile::open(
+            path,
+            &OpenCow {
+                readonly: opts.readonly,
+                backing: opts.backing.clone(),
+                direct: opts.direct,
+                no_lock: false,
+            },
+        )?;
+        let setup = |e| DiskError::Setup {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let meta = file.meta_fd.metadata().map_err(setup)?;
+        if file.geometry.data_offset > crate::cow::header::UML_MAX_DATA_OFFSET {
+            log::warn!(
+                "COW file {}: data offset {} exceeds 2^31; UML and uml_moo cannot open it",
+                path.display(),
+                file.geometry.data_offset
+            );
+        }
+        let info = DiskInfo {
+            sectors: file.geometry.nsect,
+            readonly: opts.readonly,
+            path: path.to_path_buf(),
+            id: file_id(&meta),
+            kind: "cow",
+            direct: file.direct,
+        };
+        let event = Arc::new(EventFd::new().map_err(setup)?);
+        let shared = Arc::new(CowShared {
+            info,
+            state: Mutex::new(CowState::default()),
+            writeback: AtomicBool::new(opts.writeback),
+            closed: AtomicBool::new(false),
+            opts: opts.clone(),
+            channel: Channel::new(event.clone()),
+            writes_since_sync: AtomicU64::new(0),
+            zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
+            file,
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ubd-durability".into())
+            .spawn(move || durability::run(thread_shared, event))
+            .map_err(setup)?;
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The shared state (for tests and `info`).
+    pub fn shared(&self) -> &Arc<CowShared> {
+        &self.shared
+    }
+}
+
+impl Drop for CowDisk {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            log::error!("{e}");
+        }
+    }
+}
+
+impl Disk for CowDisk {
+    fn info(&self) -> &DiskInfo {
+        &self.shared.info
+    }
+
+    fn new_queue(&self) -> Result<Box<dyn DiskQueue>, DiskError> {
+        let s = &self.shared;
+        let setup = |e| DiskError::Setup {
+            path: s.info.path.clone(),
+            source: e,
+        };
+        let event = Arc::new(EventFd::new().map_err(setup)?);
+        let mailbox = Arc::new(Mailbox::new(event.clone()));
+        s.channel.register(&mailbox);
+        Ok(Box::new(CowQueue {
+            engine: Engine::new(s.opts.ring_entries, event).map_err(setup)?,
+            data_fd: s.file.data_fd.as_raw_fd(),
+            backing_fd: s.file.backing_fd.as_raw_fd(),
+            shared: s.clone(),
+            mailbox,
+            slots: Slab::new(),
+            done: Vec::new(),
+            io: Vec::new(),
+            at_meta: 0,
+        }))
+    }
+
+    fn set_writeback(&self, writeback: bool) {
+        self.shared.writeback.store(writeback, Ordering::Release);
+    }
+
+    fn writeback(&self) -> bool {
+        self.shared.writeback.load(Ordering::Acquire)
+    }
+
+    fn shutdown(&self) -> Result<(), DiskError> {
+        let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
+            return Ok(());
+        };
+        self.shared.closed.store(true, Ordering::Release);
+        let (tx, rx) = mpsc::channel();
+        self.shared.channel.send(Cmd::Shutdown(tx));
+        let result = rx.recv_timeout(durability::SHUTDOWN_TIMEOUT);
+        let _ = thread.join();
+        let persist = |errno: i32| DiskError::Persist {
+            path: self.shared.info.path.clone(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(errno)) => Err(persist(errno)),
+            Err(_) => Err(persist(libc::ETIMEDOUT)),
+        }
+    }
+}
+
+/// What a request in flight on a queue is waiting for.
+#[derive(Debug)]
+enum Stage {
+    /// Reads: all parts must land.
+    Read,
+    /// Data of a write (or a punch) is being written; then the sectors
+    /// `bits` need their bits (empty for rewrites).
+    Data { bits: Range<u64> },
+}
+
+#[derive(Debug)]
+struct Slot {
+    tag: u64,
+    remaining: u32,
+    err: Option<i32>,
+    stage: Stage,
+    /// Punch fallback: zero-write this data range instead.
+    zero_fallback: Option<(u64, u64)>,
+}
+
+struct CowQueue {
+    engine: Engine,
+    data_fd: RawFd,
+    backing_fd: RawFd,
+    /// Keeps the files (`data_fd`, `backing_fd`), the bitmap and the zero
+    /// buffer alive while operations are in flight.
+    shared: Arc<CowShared>,
+    mailbox: Arc<Mailbox>,
+    slots: Slab<Slot>,
+    done: Vec<Completion>,
+    io: Vec<IoDone>,
+    /// Requests handed to the durability thread.
+    at_meta: usize,
+}
+
+impl CowQueue {
+    fn push(&mut self, key: usize, op: std::io::Result<IoOp>) {
+        let r = op.and_then(|op| {
+            // SAFETY: the iovecs come from the request's `IoVecs` (valid until
+            // its completion, which is reported only after every op of the
+            // slot finished) or from the shared zero buffer, kept alive by
+            // `self.shared` and never written.
+            unsafe { self.engine.push(op) }
+        });
+        if let Some(slot) = self.slots.get_mut(key) {
+            match r {
+                Ok(()) => slot.remaining += 1,
+                Err(e) => slot.err = Some(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        }
+    }
+
+    fn new_slot(&mut self, tag: u64, stage: Stage) -> usize {
+        self.slots.insert(Slot {
+            tag,
+            remaining: 0,
+            err: None,
+            stage,
+            zero_fallback: None,
+        })
+    }
+
+    /// Splits a read into COW, backing runs (R4 check included).
+    fn read(&mut self, tag: u64, sector: u64, iov: IoVecs) -> Submitted {
+        let nsect = iov.len() / SECTOR;
+        let range = sector..sector + nsect;
+        let shared = self.shared.clone();
+        let file = &shared.file;
+        let key;
+        if file.bitmap.all_set(range.clone()) {
+            key = self.new_slot(tag, Stage::Read);
+            let op = IoOp::rw(
+                IoKind::Read,
+                self.data_fd,
+                file.geometry.data_pos(sector),
+                iov.0,
+                file.direct,
+                key as u64,
+            );
+            self.push(key, op);
+        } else {
+            let runs = {
+                let Ok(state) = shared.state.lock() else {
+                    self.done.push(Completion {
+                        tag,
+                        result: Err(libc::EIO),
+                    });
+                    return Submitted::Queued;
+                };
+                let runs = route(&file.bitmap, &state.unpersisted, range);
+                let backing: Vec<Range<u64>> =
+                    runs.iter().filter(|r| !r.2).map(|r| r.0..r.1).collect();
+                if state.wb.check_read(&backing).is_err() {
+                    self.mailbox.park();
+                    drop(state);
+                    return Submitted::Again(Request {
+                        op: Op::Read { sector, iov },
+                        tag,
+                    });
+                }
+                runs
+            };
+            key = self.new_slot(tag, Stage::Read);
+            for (start, end, cow) in runs {
+                let part = iov.slice((start - sector) * SECTOR, (end - start) * SECTOR);
+                let op = if cow {
+                    IoOp::rw(
+                        IoKind::Read,
+                        self.data_fd,
+                        file.geometry.data_pos(start),
+                        part,
+                        file.direct,
+                        key as u64,
+                    )
+                } else {
+                    IoOp::rw(
+                        IoKind::Read,
+                        self.backing_fd,
+                        start * SECTOR,
+                        part,
+                        file.backing_direct,
+                        key as u64,
+                    )
+                };
+                self.push(key, op);
+            }
+        }
+        self.settle(key);
+        Submitted::Queued
+    }
+
+    fn write(&mut self, tag: u64, sector: u64, iov: IoVecs) {
+        let nsect = iov.len() / SECTOR;
+        let range = sector..sector + nsect;
+        let shared = self.shared.clone();
+        let file = &shared.file;
+        let bits = if file.bitmap.all_set(range.clone()) {
+            sector..sector
+        } else {
+            range
+        };
+        let key = self.new_slot(tag, Stage::Data { bits });
+        let op = IoOp::rw(
+            IoKind::Write { dsync: false },
+            self.data_fd,
+            file.geometry.data_pos(sector),
+            iov.0,
+            file.direct,
+            key as u64,
+        );
+        self.push(key, op);
+        self.settle(key);
+    }
+
+    fn punch(&mut self, tag: u64, sector: u64, nsect: u64) {
+        let range = sector..sector + nsect;
+        let key = self.new_slot(tag, Stage::Data { bits: range });
+        let pos = self.shared.file.geometry.data_pos(sector);
+        let len = nsect * SECTOR;
+        if let Some(s) = self.slots.get_mut(key) {
+            s.zero_fallback = Some((pos, len));
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.push(
+            key,
+            Ok(IoOp::fallocate(self.data_fd, pos, len, mode, key as u64)),
+        );
+        self.settle(key);
+    }
+
+    fn zero_write(&mut self, key: usize, mut pos: u64, mut len: u64) {
+        while len > 0 {
+            let n = len.min(512 * ZERO_CHUNK as u64);
+            let mut iov = Vec::new();
+            let mut left = n;
+            while left > 0 {
+                let c = left.min(ZERO_CHUNK as u64);
+                iov.push(libc::iovec {
+                    iov_base: self.shared.zeros.as_mut_ptr().cast(),
+                    iov_len: c as usize,
+                });
+                left -= c;
+            }
+            let op = IoOp::rw(
+                IoKind::Write { dsync: false },
+                self.data_fd,
+                pos,
+                iov,
+                self.shared.file.direct,
+                key as u64,
+            );
+            self.push(key, op);
+            pos += n;
+            len -= n;
+        }
+    }
+
+    /// A slot whose operations all finished moves on.
+    fn settle(&mut self, key: usize) {
+        if self.slots.get(key).is_none_or(|s| s.remaining > 0) {
+            return;
+        }
+        let Some(slot) = self.slots.try_remove(key) else {
+            return;
+        };
+        if let Some(errno) = slot.err {
+            self.done.push(Completion {
+                tag: slot.tag,
+                result: Err(errno),
+            });
+            return;
+        }
+        match slot.stage {
+            Stage::Read => self.done.push(Completion {
+                tag: slot.tag,
+                result: Ok(()),
+            }),
+            Stage::Data { bits } => self.data_done(slot.tag, bits),
+        }
+    }
+
+    /// The data of a write is in the COW file: record it (R5).
+    fn data_done(&mut self, tag: u64, bits: Range<u64>) {
+        let shared = &self.shared;
+        shared.writes_since_sync.fetch_add(1, Ordering::AcqRel);
+        if !shared.writeback.load(Ordering::Acquire) {
+            self.at_meta += 1;
+            let ranges = if bits.is_empty() {
+                Vec::new()
+            } else {
+                vec![bits]
+            };
+            shared.channel.send(Cmd::Persist(
+                ranges,
+                Reply {
+                    mailbox: self.mailbox.clone(),
+                    tag,
+                },
+            ));
+            return;
+        }
+        if !bits.is_empty() {
+            let mut kick = false;
+            if let Ok(mut s) = shared.state.lock() {
+                s.unpersisted.insert(bits);
+                if s.since.is_none() {
+                    s.since = Some(Instant::now());
+                    kick = true;
+                }
+                if s.unpersisted.len() >= shared.opts.max_pending_extents && !s.checkpoint_requested
+                {
+                    s.checkpoint_requested = true;
+                    kick = true;
+                }
+            }
+            if kick {
+                shared.channel.send(Cmd::Kick);
+            }
+        }
+        self.done.push(Completion {
+            tag,
+            result: Ok(()),
+        });
+    }
+}
+
+/// Runs `(start, end, in_cow)` of a sector range: a sector is in the COW
+/// when its bit is set or its completed write awaits its bit.
+fn route(
+    bitmap: &crate::cow::Bitmap,
+    unpersisted: &ExtentSet,
+    range: Range<u64>,
+) -> Vec<(u64, u64, bool)> {
+    let extents: Vec<(u64, u64)> = unpersisted.overlapping(range.clone()).collect();
+    let mut ext = extents.iter().peekable();
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    for s in range {
+        while ext.peek().is_some_and(|e| e.1 <= s) {
+            ext.next();
+        }
+        let cow = bitmap.test(s) || ext.peek().is_some_and(|e| e.0 <= s);
+        match out.last_mut() {
+            Some(last) if last.2 == cow => last.1 = s + 1,
+            _ => out.push((s, s + 1, cow)),
+        }
+    }
+    out
+}
+
+impl DiskQueue for CowQueue {
+    fn submit(&mut self, req: Request) -> Submitted {
+        if self.shared.closed.load(Ordering::Acquire) {
+            self.done.push(Completion {
+                tag: req.tag,
+                result: Err(libc::ESHUTDOWN),
+            });
+            return Submitted::Queued;
+        }
+        if let Err(e) = check_request(&req.op, &self.shared.info) {
+            self.done.push(Completion {
+                tag: req.tag,
+                result: Err(e),
+            });
+            return Submitted::Queued;
+        }
+        if req.op.is_write() {
+            if let Some((sector, nsect)) = req.op.sectors() {
+                let limit = self.shared.file.geometry.bitmap_sectors();
+                if sector + nsect > limit {
+                    log::warn!(
+                        "{}: sectors from {limit} on have no bit in this {} bitmap; write refused",
+                        self.shared.info.path.display(),
+                        self.shared.file.header.version.name()
+                    );
+                    self.done.push(Completion {
+                        tag: req.tag,
+                        result: Err(libc::EIO),
+                    });
+                    return Submitted::Queued;
+                }
+            }
+        }
+        match req.op {
+            Op::Read { sector, iov } => return self.read(req.tag, sector, iov),
+            Op::Write { sector, iov } => self.write(req.tag, sector, iov),
+            Op::Flush => {
+                self.at_meta += 1;
+                self.shared.channel.send(Cmd::Flush(Reply {
+                    mailbox: self.mailbox.clone(),
+                    tag: req.tag,
+                }));
+            }
+            Op::Discard { sector, nsect } | Op::WriteZeroes { sector, nsect, .. } => {
+                if nsect == 0 {
+                    self.done.push(Completion {
+                        tag: req.tag,
+                        result: Ok(()),
+                    });
+                } else {
+                    self.punch(req.tag, sector, nsect);
+                }
+            }
+        }
+        Submitted::Queued
+    }
+
+    fn commit(&mut self) -> std::io::Result<()> {
+        self.engine.submit()
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> bool {
+        let mut io = std::mem::take(&mut self.io);
+        if let Err(e) = self.engine.reap(&mut io) {
+            log::error!("{}: io_uring: {e}", self.shared.info.path.display());
+        }
+        for d in io.drain(..) {
+            let key = d.tag as usize;
+            let mut fallback = None;
+            if let Some(slot) = self.slots.get_mut(key) {
+                slot.remaining = slot.remaining.saturating_sub(1);
+                if d.result < 0 {
+                    let errno = i32::try_from(-d.result).unwrap_or(libc::EIO);
+                    match slot.zero_fallback.take() {
+                        Some(r) if errno == libc::EOPNOTSUPP => fallback = Some(r),
+                        _ => slot.err = Some(errno),
+                    }
+                } else {
+                    slot.zero_fallback = None;
+                }
+            }
+            if let Some((pos, len)) = fallback {
+                self.zero_write(key, pos, len);
+            }
+            self.settle(key);
+        }
+        self.io = io;
+        if let Err(e) = self.engine.submit() {
+            log::error!("{}: io_uring submit: {e}", self.shared.info.path.display());
+        }
+        let n = self.mailbox.take(&mut self.done);
+        self.at_meta = self.at_meta.saturating_sub(n);
+        out.append(&mut self.done);
+        self.mailbox.take_retry()
+    }
+
+    fn event_fd(&self) -> RawFd {
+        self.engine.event().as_raw_fd()
+    }
+
+    fn wait(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        self.engine.event().wait(ms);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() + self.at_meta
+    }
+}

@@ -1,0 +1,432 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The `Disk` interface: 512-byte sectors, asynchronous requests whose
+//! iovecs point at caller memory, one [`DiskQueue`] per worker thread.
+//!
+//! Two implementations: [`raw::RawDisk`] (a plain file) and
+//! [`cow::CowDisk`] (a UML COW file over a read-only backing file). The COW
+//! rules live in their own modules: [`bitmap_writeback`] (R1-R4) and
+//! [`durability`] (R5). Nothing here knows about virtio.
+//!
+//! Usage: `submit` requests, `commit` to hand them to the kernel, wait for
+//! [`DiskQueue::event_fd`] to become readable, `poll` completions. A read
+//! that `submit` hands back ([`Submitted::Again`]) must wait (R4): keep it
+//! and submit it again once `poll` reports `retry`.
+
+pub mod bitmap_writeback;
+pub mod cow;
+pub mod durability;
+pub mod extents;
+pub mod raw;
+
+use std::{
+    io,
+    os::fd::RawFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use thiserror::Error;
+
+use crate::cow::{file::read_header_bytes, header::has_cow_magic, CowFileError};
+
+/// Bytes per sector.
+pub const SECTOR: u64 = 512;
+
+/// Why a disk could not be opened or used.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    /// A COW file problem (open, header, backing, lock).
+    #[error(transparent)]
+    Cow(#[from] CowFileError),
+    /// Opening a raw image failed.
+    #[error("cannot open raw image {path}: {source}")]
+    OpenRaw {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up io_uring or a thread failed.
+    #[error("cannot set up I/O for {path}: {source}")]
+    Setup {
+        /// The disk's file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Persisting state at shutdown failed.
+    #[error("cannot persist {path}: {source}")]
+    Persist {
+        /// The disk's file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Caller memory for a read or write.
+#[derive(Debug, Default)]
+pub struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are only dereferenced by the kernel or by the engine
+// on behalf of the request, under the contract of `IoVecs::new`.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// Wraps iovecs.
+    ///
+    /// # Safety
+    /// Each iovec must describe memory that stays valid (writable for reads,
+    /// readable for writes) and that nobody else accesses until the request
+    /// carrying it has completed (its [`Completion`] was returned by `poll`).
+    pub unsafe fn new(iov: Vec<libc::iovec>) -> Self {
+        Self(iov)
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|v| v.iov_len as u64).sum()
+    }
+
+    /// True when no byte is described.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The iovecs.
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.0
+    }
+
+    /// Splits off the bytes `[from, from+len)` as a new iovec list.
+    pub fn slice(&self, from: u64, len: u64) -> Vec<libc::iovec> {
+        let mut out = Vec::new();
+        let (mut pos, end) = (0u64, from.saturating_add(len));
+        for v in &self.0 {
+            let (vs, ve) = (pos, pos + v.iov_len as u64);
+            pos = ve;
+            let (s, e) = (vs.max(from), ve.min(end));
+            if s < e {
+                out.push(libc::iovec {
+                    // SAFETY: `s - vs < iov_len`: stays inside this buffer.
+                    iov_base: unsafe { v.iov_base.cast::<u8>().add((s - vs) as usize) }.cast(),
+                    iov_len: (e - s) as usize,
+                });
+            }
+            if pos >= end {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// An operation on the disk.
+#[derive(Debug)]
+pub enum Op {
+    /// Read `iov.len()` bytes (a multiple of 512) at `sector`.
+    Read {
+        /// First sector.
+        sector: u64,
+        /// Destination.
+        iov: IoVecs,
+    },
+    /// Write `iov.len()` bytes (a multiple of 512) at `sector`.
+    Write {
+        /// First sector.
+        sector: u64,
+        /// Source.
+        iov: IoVecs,
+    },
+    /// Make every write completed before this one durable.
+    Flush,
+    /// Discard sectors (COW: they read as zeros afterwards, R7).
+    Discard {
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        nsect: u64,
+    },
+    /// Zero sectors (`unmap`: may deallocate).
+    WriteZeroes {
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        nsect: u64,
+        /// Deallocation allowed.
+        unmap: bool,
+    },
+}
+
+impl Op {
+    /// Sector range touched, if any.
+    pub fn sectors(&self) -> Option<(u64, u64)> {
+        match self {
+            Self::Read { sector, iov } | Self::Write { sector, iov } => {
+                Some((*sector, iov.len() / SECTOR))
+            }
+            Self::Discard { sector, nsect } | Self::WriteZeroes { sector, nsect, .. } => {
+                Some((*sector, *nsect))
+            }
+            Self::Flush => None,
+        }
+    }
+
+    /// True for operations that modify the disk.
+    pub fn is_write(&self) -> bool {
+        !matches!(self, Self::Read { .. } | Self::Flush)
+    }
+}
+
+/// A request: an operation and the caller's tag.
+#[derive(Debug)]
+pub struct Request {
+    /// What to do.
+    pub op: Op,
+    /// Returned in the completion.
+    pub tag: u64,
+}
+
+/// A finished request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The request's tag.
+    pub tag: u64,
+    /// `Ok` or a positive errno.
+    pub result: Result<(), i32>,
+}
+
+/// What `submit` did with a request.
+#[derive(Debug)]
+pub enum Submitted {
+    /// Accepted: a completion will follow.
+    Queued,
+    /// R4: the read must wait for a bitmap write; retry it after `poll`
+    /// reports `retry`. It was not started.
+    Again(Request),
+}
+
+/// What a disk offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Device size in sectors.
+    pub sectors: u64,
+    /// Writes refused.
+    pub readonly: bool,
+    /// Human name for logs (the file).
+    pub path: PathBuf,
+    /// A stable identifier derived from the file (for the virtio serial).
+    pub id: String,
+    /// "raw" or "cow".
+    pub kind: &'static str,
+    /// Data descriptors use `O_DIRECT`.
+    pub direct: bool,
+}
+
+/// A disk shared by every queue worker.
+pub trait Disk: Send + Sync + std::fmt::Debug {
+    /// Size and capabilities.
+    fn info(&self) -> &DiskInfo;
+    /// A queue for one worker thread (its own io_uring).
+    fn new_queue(&self) -> Result<Box<dyn DiskQueue>, DiskError>;
+    /// Switches between writeback (FLUSH needed) and writethrough (every
+    /// write durable when it completes).
+    fn set_writeback(&self, writeback: bool);
+    /// Current cache mode.
+    fn writeback(&self) -> bool;
+    /// Makes everything durable and stops background work; further
+    /// requests fail. Idempotent.
+    fn shutdown(&self) -> Result<(), DiskError>;
+}
+
+/// One worker's view of a disk.
+pub trait DiskQueue: Send {
+    /// Starts a request (it reaches the kernel at the next `commit`).
+    /// Invalid requests complete with an error through `poll`.
+    fn submit(&mut self, req: Request) -> Submitted;
+    /// Hands submitted work to the kernel.
+    fn commit(&mut self) -> io::Result<()>;
+    /// Collects completions without blocking; returns true when parked
+    /// (`Again`) reads should be submitted again.
+    fn poll(&mut self, out: &mut Vec<Completion>) -> bool;
+    /// Readable when `poll` has something to do.
+    fn event_fd(&self) -> RawFd;
+    /// Blocks until the event fd is readable or the timeout passes.
+    fn wait(&self, timeout: Option<Duration>);
+    /// Requests accepted and not yet completed.
+    fn in_flight(&self) -> usize;
+}
+
+/// Options for opening a disk.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    /// Serve read-only.
+    pub readonly: bool,
+    /// `O_DIRECT` for data (`--cache none`).
+    pub direct: bool,
+    /// Start in writeback mode (WCE=1).
+    pub writeback: bool,
+    /// Backing file override for a COW file.
+    pub backing: Option<PathBuf>,
+    /// Checkpoint when this many completed-write extents await their bits.
+    pub max_pending_extents: usize,
+    /// Checkpoint when the oldest such write is this old.
+    pub max_pending_age: Duration,
+    /// io_uring entries per queue.
+    pub ring_entries: u32,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        Self {
+            readonly: false,
+            direct: false,
+            writeback: true,
+            backing: None,
+            max_pending_extents: 16384,
+            max_pending_age: Duration::from_secs(1),
+            ring_entries: 256,
+        }
+    }
+}
+
+/// True when the file starts with the COW magic.
+pub fn is_cow_file(path: &Path) -> io::Result<bool> {
+    let f = std::fs::File::open(path)?;
+    Ok(has_cow_magic(&read_header_bytes(&f)?))
+}
+
+/// Opens a raw image.
+pub fn open_raw(path: &Path, opts: &DiskOptions) -> Result<Arc<dyn Disk>, DiskError> {
+    Ok(Arc::new(raw::RawDisk::open(path, opts)?))
+}
+
+/// Opens a COW file (creating it over `opts.backing` when missing, as UML
+/// does).
+pub fn open_cow(path: &Path, opts: &DiskOptions) -> Result<Arc<dyn Disk>, DiskError> {
+    if !path.exists() {
+        if let Some(backing) = &opts.backing {
+            log::info!(
+                "creating {} as COW file for {}",
+                path.display(),
+                backing.display()
+            );
+            crate::cow::create_cow(path, backing, crate::cow::header::DEFAULT_ALIGNMENT)?;
+        }
+    }
+    Ok(Arc::new(cow::CowDisk::open(path, opts)?))
+}
+
+/// A stable short identifier for a file (device and inode in hex), used as
+/// the default virtio serial.
+pub fn file_id(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("ubd-{:x}-{:x}", meta.dev(), meta.ino())
+}
+
+/// Validates a request against the device; returns an errno on failure.
+pub fn check_request(op: &Op, info: &DiskInfo) -> Result<(), i32> {
+    if info.readonly && op.is_write() {
+        return Err(libc::EROFS);
+    }
+    if let Op::Read { iov, .. } | Op::Write { iov, .. } = op {
+        if iov.len() % SECTOR != 0 {
+            return Err(libc::EINVAL);
+        }
+    }
+    if let Some((sector, nsect)) = op.sectors() {
+        match sector.checked_add(nsect) {
+            Some(end) if end <= info.sectors => {}
+            _ => return Err(libc::EIO),
+        }
+        if sector.checked_mul(SECTOR).is_none() {
+            return Err(libc::EIO);
+        }
+    }
+    Ok(())
+}
+
+/// A simple blocking front end over a queue: submit one request and wait
+/// for it, retrying reads that must wait. For tools and tests.
+pub struct Blocking {
+    queue: Box<dyn DiskQueue>,
+    next_tag: u64,
+}
+
+impl std::fmt::Debug for Blocking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blocking").finish_non_exhaustive()
+    }
+}
+
+impl Blocking {
+    /// Wraps a new queue of `disk`.
+    pub fn new(disk: &dyn Disk) -> Result<Self, DiskError> {
+        Ok(Self {
+            queue: disk.new_queue()?,
+            next_tag: 1,
+        })
+    }
+
+    /// Runs one operation to completion.
+    pub fn run(&mut self, op: Op) -> Result<(), i32> {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let mut req = Request { op, tag };
+        let mut out = Vec::new();
+        loop {
+            match self.queue.submit(req) {
+                Submitted::Queued => break,
+                Submitted::Again(r) => {
+                    req = r;
+                    let _ = self.queue.commit();
+                    self.queue.wait(Some(Duration::from_millis(10)));
+                    self.queue.poll(&mut out);
+                }
+            }
+        }
+        self.queue
+            .commit()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        loop {
+            self.queue.poll(&mut out);
+            if let Some(pos) = out.iter().position(|c| c.tag == tag) {
+                return out.swap_remove(pos).result;
+            }
+            self.queue.wait(Some(Duration::from_millis(100)));
+        }
+    }
+
+    /// Reads into `buf` at `sector`.
+    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), i32> {
+        let iov = vec![libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: `buf` is borrowed mutably until `run` returns, which is
+        // after the request completed.
+        let iov = unsafe { IoVecs::new(iov) };
+        self.run(Op::Read { sector, iov })
+    }
+
+    /// Writes `buf` at `sector`.
+    pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), i32> {
+        let iov = vec![libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: `buf` is borrowed until `run` returns, after completion;
+        // the kernel only reads it.
+        let iov = unsafe { IoVecs::new(iov) };
+        self.run(Op::Write { sector, iov })
+    }
+
+    /// Flushes.
+    pub fn flush(&mut self) -> Result<(), i32> {
+        self.run(Op::Flush)
+    }
+}

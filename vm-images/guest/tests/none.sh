@@ -1,0 +1,4 @@
+#!/bin/sh
+# none: boot only (the disk was probed by /init; nothing is read or written
+# here).  usage: vub.test=none
+echo "VUB: none-ok"
