@@ -35,8 +35,8 @@ use super::{
     check_request,
     durability::{self, Channel, Cmd, Mailbox, Reply},
     extents::ExtentSet,
-    file_id, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, IoVecs, Op, Request,
-    Submitted, SECTOR,
+    file_id, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, DiskStats, IoVecs, Op,
+    Request, Submitted, SECTOR,
 };
 use crate::{
     cow::{CowFile, OpenCow},
@@ -59,6 +59,21 @@ pub struct CowState {
     pub checkpoint_requested: bool,
 }
 
+/// Counters of a COW disk.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Reads handed back with `Again` (R4).
+    pub reads_parked: AtomicU64,
+    /// Bitmap writes completed.
+    pub bitmap_writes: AtomicU64,
+    /// Bitmap writes that waited (R3).
+    pub bitmap_writes_waited: AtomicU64,
+    /// `fdatasync` calls.
+    pub syncs: AtomicU64,
+    /// Epochs completed.
+    pub epochs: AtomicU64,
+}
+
 /// Everything about an open COW disk.
 #[derive(Debug)]
 pub struct CowShared {
@@ -78,6 +93,8 @@ pub struct CowShared {
     pub channel: Channel,
     /// Writes completed since the last `fdatasync` was issued.
     pub writes_since_sync: AtomicU64,
+    /// Counters.
+    pub stats: Stats,
     zeros: AlignedBuf,
 }
 
@@ -130,6 +147,7 @@ impl CowDisk {
             opts: opts.clone(),
             channel: Channel::new(event.clone()),
             writes_since_sync: AtomicU64::new(0),
+            stats: Stats::default(),
             zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
             file,
         });
@@ -191,6 +209,17 @@ impl Disk for CowDisk {
 
     fn writeback(&self) -> bool {
         self.shared.writeback.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> DiskStats {
+        let s = &self.shared.stats;
+        DiskStats {
+            reads_parked: s.reads_parked.load(Ordering::Relaxed),
+            bitmap_writes: s.bitmap_writes.load(Ordering::Relaxed),
+            bitmap_writes_waited: s.bitmap_writes_waited.load(Ordering::Relaxed),
+            syncs: s.syncs.load(Ordering::Relaxed),
+            epochs: s.epochs.load(Ordering::Relaxed),
+        }
     }
 
     fn shutdown(&self) -> Result<(), DiskError> {
@@ -308,6 +337,7 @@ impl CowQueue {
                     runs.iter().filter(|r| !r.2).map(|r| r.0..r.1).collect();
                 if state.wb.check_read(&backing).is_err() {
                     self.mailbox.park();
+                    shared.stats.reads_parked.fetch_add(1, Ordering::Relaxed);
                     drop(state);
                     return Submitted::Again(Request {
                         op: Op::Read { sector, iov },

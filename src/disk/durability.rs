@@ -232,6 +232,8 @@ struct Meta {
     rewrite: Vec<Range<u64>>,
     sticky_error: Option<i32>,
     shutdown: Vec<mpsc::Sender<Result<(), i32>>>,
+    /// Test hook: bitmap write completions held until their due time.
+    delayed: VecDeque<(Instant, IoDone)>,
 }
 
 /// Runs the durability thread of a COW disk until shutdown.
@@ -258,6 +260,7 @@ pub fn run(shared: Arc<CowShared>, event: Arc<EventFd>) {
         rewrite: Vec::new(),
         sticky_error: None,
         shutdown: Vec::new(),
+        delayed: VecDeque::new(),
     };
     m.main_loop();
 }
@@ -296,6 +299,15 @@ impl Meta {
             for d in io.drain(..) {
                 self.on_io(d);
             }
+            while self
+                .delayed
+                .front()
+                .is_some_and(|(due, _)| *due <= Instant::now())
+            {
+                if let Some((_, d)) = self.delayed.pop_front() {
+                    self.on_bitmap_write(d.tag, d.result);
+                }
+            }
             for cmd in self.shared.channel.take() {
                 self.on_cmd(cmd);
             }
@@ -325,6 +337,7 @@ impl Meta {
                 .as_ref()
                 .is_none_or(|e| !e.wanted && e.waiters.is_empty())
             && self.sync_in_flight.is_none()
+            && self.delayed.is_empty()
             && self.engine.in_flight() == 0
             && self.shared.state.lock().map_or(true, |s| s.wb.is_idle())
     }
@@ -334,10 +347,12 @@ impl Meta {
             return 10;
         }
         let since = self.shared.state.lock().ok().and_then(|s| s.since);
-        match since {
-            None => -1,
-            Some(t) => {
-                let due = t + self.shared.opts.max_pending_age;
+        let checkpoint = since.map(|t| t + self.shared.opts.max_pending_age);
+        let held = self.delayed.front().map(|(due, _)| *due);
+        match (checkpoint, held) {
+            (None, None) => -1,
+            (a, b) => {
+                let due = a.into_iter().chain(b).min().unwrap_or_else(Instant::now);
                 let left = due.saturating_duration_since(Instant::now());
                 i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1)
             }
@@ -465,7 +480,11 @@ impl Meta {
 
     fn on_io(&mut self, d: IoDone) {
         if d.tag == SYNC_TAG {
+            self.shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
             self.on_sync(d.result);
+        } else if !self.shared.opts.bitmap_write_delay.is_zero() {
+            self.delayed
+                .push_back((Instant::now() + self.shared.opts.bitmap_write_delay, d));
         } else {
             self.on_bitmap_write(d.tag, d.result);
         }
@@ -537,6 +556,10 @@ impl Meta {
                     }
                     Ok(Queued::Wait(write_id)) => {
                         count += 1;
+                        shared
+                            .stats
+                            .bitmap_writes_waited
+                            .fetch_add(1, Ordering::Relaxed);
                         self.writes.insert(write_id, (id, keep));
                     }
                     Err(_) => log::error!(
@@ -586,6 +609,7 @@ impl Meta {
 
     fn on_bitmap_write(&mut self, write_id: u64, result: i64) {
         let shared = self.shared.clone();
+        shared.stats.bitmap_writes.fetch_add(1, Ordering::Relaxed);
         let mut released = Vec::new();
         if let Ok(mut s) = shared.state.lock() {
             released =
@@ -633,6 +657,7 @@ impl Meta {
             let Some(e) = self.epochs.pop_front() else {
                 break;
             };
+            self.shared.stats.epochs.fetch_add(1, Ordering::Relaxed);
             for r in e.waiters {
                 r.mailbox.deliver(Completion {
                     tag: r.tag,

@@ -241,6 +241,25 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
     /// Makes everything durable and stops background work; further
     /// requests fail. Idempotent.
     fn shutdown(&self) -> Result<(), DiskError>;
+    /// Counters.
+    fn stats(&self) -> DiskStats {
+        DiskStats::default()
+    }
+}
+
+/// Counters of a disk, for tests, logs and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DiskStats {
+    /// Reads handed back with `Again` (R4).
+    pub reads_parked: u64,
+    /// Bitmap writes completed.
+    pub bitmap_writes: u64,
+    /// Bitmap writes that had to wait for an overlapping one (R3).
+    pub bitmap_writes_waited: u64,
+    /// `fdatasync` calls of the durability thread.
+    pub syncs: u64,
+    /// Durability epochs completed.
+    pub epochs: u64,
 }
 
 /// One worker's view of a disk.
@@ -278,6 +297,10 @@ pub struct DiskOptions {
     pub max_pending_age: Duration,
     /// io_uring entries per queue.
     pub ring_entries: u32,
+    /// Test hook: hold every bitmap write's completion this long, so that
+    /// the R3/R4 windows (overlapping bitmap writes wait, reads park) can
+    /// be observed. Zero in production.
+    pub bitmap_write_delay: Duration,
 }
 
 impl Default for DiskOptions {
@@ -290,6 +313,7 @@ impl Default for DiskOptions {
             max_pending_extents: 16384,
             max_pending_age: Duration::from_secs(1),
             ring_entries: 256,
+            bitmap_write_delay: Duration::ZERO,
         }
     }
 }

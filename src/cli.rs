@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The subcommands `create`, `info` and `check`.
+
+use std::{path::Path, process::ExitCode};
+
+use thiserror::Error;
+use vhost_user_ubd::cow::{
+    self,
+    file::{inspect, BackingStatus, CowReport},
+    CowFile, CowFileError, OpenCow,
+};
+
+use crate::args::{Args, Command};
+
+/// Errors of the command-line tool.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// A COW file problem.
+    #[error(transparent)]
+    Cow(#[from] CowFileError),
+    /// JSON output failed.
+    #[error("cannot print JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Runs one subcommand.
+pub fn run(args: Args) -> Result<ExitCode, CliError> {
+    match args.command {
+        Command::Create {
+            alignment,
+            cow,
+            backing,
+        } => {
+            let h = cow::create_cow(&cow, &backing, alignment)?;
+            log::info!(
+                "created COW file {} over {} ({} bytes)",
+                cow.display(),
+                h.backing_file.display(),
+                h.size
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info { json, cow } => {
+            let report = inspect(&cow, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { backing, cow } => Ok(check(&cow, backing.as_deref())),
+    }
+}
+
+fn print_report(r: &CowReport) {
+    let g = &r.geometry;
+    println!("file:          {}", r.path.display());
+    println!("version:       {}", r.version);
+    println!("backing file:  {}", r.backing_file.display());
+    println!("backing size:  {} bytes ({} sectors)", r.size, g.nsect);
+    println!("backing mtime: {}", r.mtime);
+    println!("sectorsize:    {}", r.sectorsize);
+    println!("alignment:     {}", r.alignment);
+    println!(
+        "bitmap:        offset {} length {}",
+        g.bitmap_offset, g.bitmap_len
+    );
+    println!("data offset:   {}", g.data_offset);
+    println!("file length:   {}", r.file_len);
+    println!(
+        "in COW:        {} sectors ({} bytes, {:.2}%)",
+        r.sectors_in_cow,
+        r.sectors_in_cow * 512,
+        if g.nsect == 0 {
+            0.0
+        } else {
+            r.sectors_in_cow as f64 * 100.0 / g.nsect as f64
+        }
+    );
+    match &r.backing {
+        BackingStatus::Ok => println!("backing:       ok (size and mtime match)"),
+        BackingStatus::Missing { error } => println!("backing:       MISSING: {error}"),
+        BackingStatus::Mismatch { error } => println!("backing:       MISMATCH: {error}"),
+    }
+}
+
+fn check(path: &Path, backing: Option<&Path>) -> ExitCode {
+    let opts = OpenCow {
+        readonly: false,
+        backing: backing.map(Path::to_path_buf),
+        direct: false,
+        no_lock: false,
+    };
+    match CowFile::open(path, &opts) {
+        Ok(f) => {
+            println!(
+                "{}: ok: {} header, {} sectors ({} in the COW), backing {} matches, not locked by anyone else",
+                path.display(),
+                f.header.version.name(),
+                f.geometry.nsect,
+                f.bitmap.count_set(),
+                f.backing_path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{}: NOT USABLE: {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
