@@ -3,7 +3,7 @@
 # vhost-user-blk backend) serving a raw image; not needed by the Rust tests.
 #
 # usage: vm-images/selftest-qsd.sh [SCENARIO...]
-#   rw         make-base, boot rw, host checks the bytes in the image,
+#   rw         (2 queues) make-base, boot rw, host checks the bytes in the image,
 #              restart backend, boot verify; boot verify with a wrong seed
 #              must FAIL (proves verify detects stale data)
 #   ext4       boot ext4, host e2fsck -fn (if installed), restart, ext4-verify
@@ -74,8 +74,8 @@ for s in "${SCEN[@]}"; do
   rw)
     IMG=$W/rw.raw
     "$HERE/make-base.sh" "$IMG" 1G
-    start_backend "$IMG" 1
-    if vm --test rw --append "vub.seed=$SEED" --serial-log "$W/rw.log"; then ok "rw boot"; else ko "rw boot"; fi
+    start_backend "$IMG" 2
+    if vm --test rw --queues 2 --append "vub.seed=$SEED" --serial-log "$W/rw.log"; then ok "rw boot"; else ko "rw boot"; fi
     stop_backend
     sz=$(stat -c %s "$IMG")
     if [ "$(img_md5 "$IMG" 1048576 4194304)" = "$(pat_md5 "GUESTPATTERN-$SEED" 4194304)" ] &&
@@ -84,8 +84,8 @@ for s in "${SCEN[@]}"; do
        grep -aq "VUB: rw-md5 .*guest=$(img_md5 "$IMG" 1048576 4194304) " "$W/rw.log"; then
       ok "rw host-side image check"
     else ko "rw host-side image check"; fi
-    start_backend "$IMG" 1
-    if vm --test verify --append "vub.seed=$SEED" --serial-log "$W/verify.log"; then ok "verify boot"; else ko "verify boot"; fi
+    start_backend "$IMG" 2
+    if vm --test verify --queues 2 --append "vub.seed=$SEED" --serial-log "$W/verify.log"; then ok "verify boot"; else ko "verify boot"; fi
     if vm --test verify --append "vub.seed=wrong$SEED" --serial-log "$W/verify-neg.log" >/dev/null 2>&1; then
       ko "verify with a wrong seed passed"
     elif grep -aq 'VUB: MISMATCH guest-pattern' "$W/verify-neg.log"; then ok "verify with a wrong seed fails as expected"

@@ -4,6 +4,7 @@
 # manifest ext4.sh stored.  Never writes to the disk.
 # usage: vub.test=ext4-verify [vub.seed=S]   (same seed as the ext4 boot)
 # Prints VUB: ext4-verify-ok, or VUB: MISMATCH ... lines and rc 1.
+set -eu
 . /lib/vub/testlib.sh
 mount -t ext4 -o ro "$DEV" /mnt || fail "mount -t ext4 -o ro $DEV"
 bad=0

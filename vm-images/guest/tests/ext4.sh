@@ -8,6 +8,7 @@
 # MD5SUMS manifest, syncs, unmounts, drops caches, remounts read-only and
 # checks them once.  Prints VUB: ext4-file NAME size=.. md5=.. per file, then
 # VUB: ext4-ok, or MISMATCH/failed lines and rc 1.
+set -eu
 . /lib/vub/testlib.sh
 mke2fs -F -L vubtest "$DEV" ${VUB_FS_KB:-} > /tmp/mkfs.log 2>&1 || fail "mke2fs: $(tail -3 /tmp/mkfs.log)"
 mount -t ext4 "$DEV" /mnt || fail "mount -t ext4 $DEV"

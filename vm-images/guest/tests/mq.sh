@@ -6,6 +6,7 @@
 # uses no more queues than CPUs), else VUB: MISMATCH.  Then, pinned to each
 # CPU in turn (so each hardware queue gets requests), writes 1 MiB at
 # 16 MiB + cpu MiB with O_DIRECT, reads it back and compares.
+set -eu
 . /lib/vub/testlib.sh
 n=$(ls -d /sys/block/vda/mq/*/ | wc -l)
 ncpu=$(nproc)

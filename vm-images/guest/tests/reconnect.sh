@@ -8,6 +8,7 @@
 # or VUB: MISMATCH / failed lines.  At the end every kernel log line about
 # I/O errors on the disk is printed as VUB: dmesg-error LINE (a failure), and
 # VUB: reconnect-done iters=N bad=B.
+set -eu
 . /lib/vub/testlib.sh
 N=${VUB_ITERS:-30}
 SLP=${VUB_SLEEP:-0.2}

@@ -10,6 +10,7 @@
 # Prints VUB: rw-md5 host=.. guest=.. tail=.. guest_offset=.. tail_offset=..
 # (the host can compare these with the bytes it finds in the image) and
 # VUB: rw-ok, or VUB: MISMATCH ... lines and rc 1.
+set -eu
 . /lib/vub/testlib.sh
 rw_layout
 pat "$HOST_WORD" $MiB > /tmp/host.want

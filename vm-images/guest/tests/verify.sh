@@ -3,6 +3,7 @@
 # still on the disk?  Read-only: never writes to /dev/vda.
 # usage: vub.test=verify [vub.seed=S]   (same seed as the rw boot)
 # Prints VUB: verify-md5 ..., then VUB: verify-ok or VUB: MISMATCH ... (rc 1).
+set -eu
 . /lib/vub/testlib.sh
 rw_layout
 bad=0
