@@ -367,7 +367,7 @@ impl DiskQueue for RawQueue {
                     let errno = i32::try_from(-d.result).unwrap_or(libc::EIO);
                     match slot.zero_fallback.take() {
                         Some(range) if errno == libc::EOPNOTSUPP || errno == libc::EINVAL => {
-                            fallback = Some(range)
+                            fallback = Some(range);
                         }
                         _ => slot.err = Some(errno),
                     }

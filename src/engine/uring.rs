@@ -490,14 +490,14 @@ impl Engine {
                         || (op.bounce.is_some() && op.done + n >= op.total)
                     {
                         op.done = op.total;
-                        Some(op.total as i64)
+                        Some(i64::try_from(op.total).unwrap_or(i64::MAX))
                     } else if n == 0 || (op.kind == IoKind::Read && n % DIRECT_ALIGN != 0) {
                         // n == 0 or a partial sector: end of file.
                         if op.kind == IoKind::Read {
                             op.advance(n);
                             op.zero_rest();
                             op.done = op.total;
-                            Some(op.total as i64)
+                            Some(i64::try_from(op.total).unwrap_or(i64::MAX))
                         } else {
                             Some(-i64::from(libc::ENOSPC))
                         }

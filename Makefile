@@ -1,0 +1,45 @@
+# vhost-user-ubd: build, test, demo, benchmarks.
+# `make test` is what CI runs (.ci/run): it installs what it needs first.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+APT_PKGS := uml-utilities qemu-system-x86 qemu-utils busybox-static python3
+NEED_BINS := uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon busybox
+
+.PHONY: all build release deps images lint unit test demo bench crash-sweep fuzz clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+# Debian packages for the interop and boot tests; apt only when something is missing.
+deps:
+	@missing=0; for b in $(NEED_BINS); do command -v $$b >/dev/null || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing: $(APT_PKGS)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	fi
+
+# Guest kernel + initramfs for the boot tests (cached in vm-images/cache).
+images: deps
+	vm-images/images.sh >/dev/null
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --lib
+
+# Everything: lints, unit tests, integration tests (real UML tools, libblkio
+# client over the socket, booted QEMU guests).
+test: deps images lint
+	$(CARGO) test --all-targets -- --test-threads=2
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Helpers shared by the integration tests: backing images with a known
+//! pattern, the real UML tools, bitmap reading.
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, SystemTime},
+};
+
+/// The mtime every test backing file gets (2024-01-01 00:00:00 UTC).
+pub const BACKING_MTIME: u64 = 1_704_067_200;
+
+/// Content of backing byte `pos`: never zero for a whole sector, and
+/// different in every sector.
+pub fn backing_byte(pos: u64) -> u8 {
+    let sector = pos / 512;
+    let x = (sector.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24) as u8;
+    x ^ (pos % 251) as u8 | 1
+}
+
+/// Writes a backing image of `size` bytes with the known pattern and the
+/// fixed mtime.
+pub fn make_backing(path: &Path, size: u64) {
+    let data: Vec<u8> = (0..size).map(backing_byte).collect();
+    std::fs::write(path, data).unwrap();
+    set_mtime(path, BACKING_MTIME);
+}
+
+/// Sets a file's mtime (seconds since the epoch).
+pub fn set_mtime(path: &Path, secs: u64) {
+    let f = File::options().write(true).open(path).unwrap();
+    f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap();
+}
+
+/// Path of a required external tool; panics with the fix when missing.
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin", "/usr/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: run `make deps` (apt-get install uml-utilities)");
+}
+
+/// Runs a command, panicking with its output on failure.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `uml_moo COW OUT`: merges the COW over its backing into a new image.
+pub fn uml_moo(cow: &Path, out: &Path) -> Vec<u8> {
+    run(Command::new(tool("uml_moo")).arg(cow).arg(out));
+    std::fs::read(out).unwrap()
+}
+
+/// The on-disk bitmap bytes of a V3 COW file (alignment from the header).
+pub fn disk_bitmap(cow: &Path) -> Vec<u8> {
+    let f = File::open(cow).unwrap();
+    let bytes = vhost_user_ubd::cow::file::read_header_bytes(&f).unwrap();
+    let h = vhost_user_ubd::cow::CowHeader::parse(&bytes).unwrap();
+    let g = h.geometry().unwrap();
+    let mut buf = vec![0u8; g.bitmap_len as usize];
+    f.read_exact_at(&mut buf, g.bitmap_offset).unwrap();
+    buf
+}
+
+/// Sectors whose bit is set in a bitmap of `nsect` sectors.
+pub fn set_sectors(bitmap: &[u8], nsect: u64) -> Vec<u64> {
+    (0..nsect)
+        .filter(|&s| bitmap[(s / 8) as usize] & (1 << (s % 8)) != 0)
+        .collect()
+}
