@@ -17,6 +17,9 @@ pub struct Args {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve a disk to a vhost-user frontend (QEMU vhost-user-blk-pci,
+    /// cloud-hypervisor, libblkio) until SIGTERM/SIGINT.
+    Serve(ServeArgs),
     /// Create a UML COW file over a backing image (same bytes as `uml_mkcow COW BACKING`).
     Create {
         /// Alignment of the bitmap and data areas (uml_mkcow uses 4096).
@@ -44,4 +47,53 @@ pub enum Command {
         /// The COW file.
         cow: PathBuf,
     },
+}
+
+/// `serve` options.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("listen").required(true).args(["socket", "fd"])))]
+#[command(group(clap::ArgGroup::new("image").required(true).args(["cow", "raw"])))]
+pub struct ServeArgs {
+    /// UNIX socket to listen on (replaced if it exists).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Serve on an inherited listening socket (systemd socket activation).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// UML COW file to serve; created over --backing if missing (as UML does).
+    #[arg(long, value_name = "FILE")]
+    pub cow: Option<PathBuf>,
+    /// Backing file of the COW (default: the path in the COW header).
+    #[arg(long, value_name = "FILE", requires = "cow")]
+    pub backing: Option<PathBuf>,
+    /// Raw image to serve.
+    #[arg(long, value_name = "FILE")]
+    pub raw: Option<PathBuf>,
+    /// Virtqueues offered (must be at least the frontend's num-queues).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub queues: usize,
+    /// Largest virtqueue size accepted (power of two).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub queue_size: u32,
+    /// Serve read-only (VIRTIO_BLK_F_RO; writes fail).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Device serial returned by GET_ID (at most 20 bytes; default derived from the file).
+    #[arg(long, value_name = "STR")]
+    pub serial: Option<String>,
+    /// Host cache for the data files: none (O_DIRECT) or writeback (page cache).
+    #[arg(long, default_value = "writeback", value_name = "MODE")]
+    pub cache: String,
+    /// Force writethrough (WCE=0): every write is durable, with its COW bits, when it completes.
+    #[arg(long)]
+    pub writethrough: bool,
+    /// COW: persist bits once this many completed writes await them.
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    pub checkpoint_extents: usize,
+    /// COW: persist bits once the oldest completed write awaiting them is this old.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub checkpoint_ms: u64,
+    /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub test_bitmap_delay_ms: u64,
 }

@@ -3,11 +3,19 @@
 
 use std::{path::Path, process::ExitCode};
 
+use std::sync::Arc;
+
 use thiserror::Error;
-use vhost_user_ubd::cow::{
-    self,
-    file::{inspect, BackingStatus, CowReport},
-    CowFile, CowFileError, OpenCow,
+use vhost_user_ubd::{
+    config::{ConfigError, DiskSpec, ServeArgsRaw, ServeConfig},
+    cow::{
+        self,
+        file::{inspect, BackingStatus, CowReport},
+        CowFile, CowFileError, OpenCow,
+    },
+    daemon::{self, DaemonError},
+    disk::{self, DiskError},
+    vhu_blk::{BlkBackend, BlkConfig},
 };
 
 use crate::args::{Args, Command};
@@ -21,11 +29,21 @@ pub enum CliError {
     /// JSON output failed.
     #[error("cannot print JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A bad `serve` argument.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// The daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
 }
 
 /// Runs one subcommand.
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     match args.command {
+        Command::Serve(a) => serve(a),
         Command::Create {
             alignment,
             cow,
@@ -109,4 +127,43 @@ fn check(path: &Path, backing: Option<&Path>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
+    let cfg = ServeConfig::try_from(ServeArgsRaw {
+        socket: a.socket,
+        fd: a.fd,
+        cow: a.cow,
+        backing: a.backing,
+        raw: a.raw,
+        queues: a.queues,
+        queue_size: a.queue_size,
+        readonly: a.readonly,
+        serial: a.serial,
+        cache: a.cache,
+        writethrough: a.writethrough,
+        checkpoint_extents: a.checkpoint_extents,
+        checkpoint_ms: a.checkpoint_ms,
+        bitmap_delay_ms: a.test_bitmap_delay_ms,
+    })?;
+    // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
+    let signals = daemon::block_signals()?;
+    let opts = cfg.disk_options();
+    let disk = match &cfg.disk {
+        DiskSpec::Cow { cow, .. } => disk::open_cow(cow, &opts)?,
+        DiskSpec::Raw(raw) => disk::open_raw(raw, &opts)?,
+    };
+    let serial = cfg.serial.clone().unwrap_or_else(|| disk.info().id.clone());
+    let backend = Arc::new(BlkBackend::new(
+        disk,
+        BlkConfig {
+            queues: cfg.queues,
+            queue_size: cfg.queue_size,
+            readonly: cfg.readonly,
+            serial,
+            writethrough: cfg.writethrough,
+        },
+    )?);
+    daemon::run(backend, &cfg.listen, signals)?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,15 @@
 //! - [`disk`]: the `Disk` interface, raw and COW disks, the bitmap writeback
 //!   scheduler (R1-R4) and durability (R5).
 //! - [`engine`]: the io_uring engine; owns iovecs until completion.
+//! - [`request`]: pure virtio-blk request parsing.
+//! - [`vhu_blk`]: the vhost-user backend (features, config, queue workers).
+//! - [`daemon`]: listener, connection loop, signals.
+//! - [`config`]: validated `serve` configuration.
 
+pub mod config;
 pub mod cow;
+pub mod daemon;
 pub mod disk;
 pub mod engine;
+pub mod request;
+pub mod vhu_blk;

@@ -1,0 +1,277 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Validated configuration of `serve`: every argument check lives here.
+
+use std::{path::PathBuf, time::Duration};
+
+use thiserror::Error;
+
+use crate::{daemon::ListenOn, disk::DiskOptions, vhu_blk::MAX_QUEUES};
+
+/// Cache mode of the data files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// `O_DIRECT`: bypass the host page cache.
+    None,
+    /// Use the host page cache.
+    Writeback,
+}
+
+/// The disk to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// A COW file (created over `backing` when missing).
+    Cow {
+        /// The COW file.
+        cow: PathBuf,
+        /// Backing file (required to create; else overrides the header).
+        backing: Option<PathBuf>,
+    },
+    /// A raw image.
+    Raw(PathBuf),
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Where to listen.
+    pub listen: ListenOn,
+    /// What to serve.
+    pub disk: DiskSpec,
+    /// Virtqueues.
+    pub queues: usize,
+    /// Largest queue size.
+    pub queue_size: u16,
+    /// Read-only device.
+    pub readonly: bool,
+    /// GET_ID serial; `None`: derived from the file.
+    pub serial: Option<String>,
+    /// Cache mode.
+    pub cache: CacheMode,
+    /// Force WCE=0.
+    pub writethrough: bool,
+    /// Checkpoint after this many pending write extents.
+    pub checkpoint_extents: usize,
+    /// Checkpoint when the oldest pending write is this old.
+    pub checkpoint_age: Duration,
+    /// Test hook (hidden option).
+    pub bitmap_write_delay: Duration,
+}
+
+/// A rejected argument.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Neither or both of --socket / --fd.
+    #[error("give exactly one of --socket PATH or --fd N")]
+    Listen,
+    /// Neither or both of --cow / --raw.
+    #[error("give exactly one of --cow FILE or --raw FILE")]
+    Disk,
+    /// --backing without --cow.
+    #[error("--backing only goes with --cow")]
+    BackingWithoutCow,
+    /// The queue count is out of range.
+    #[error("--queues {0}: must be between 1 and {MAX_QUEUES}")]
+    Queues(usize),
+    /// The queue size is not a power of two in range.
+    #[error("--queue-size {0}: must be a power of two between 2 and 32768")]
+    QueueSize(u32),
+    /// The serial is too long.
+    #[error("--serial is {0} bytes long: at most 20 fit in the virtio-blk id")]
+    Serial(usize),
+    /// Unknown cache mode.
+    #[error("--cache {0}: must be 'none' or 'writeback'")]
+    Cache(String),
+    /// The COW does not exist and no backing was given.
+    #[error("COW file {0} does not exist: give --backing FILE to create it")]
+    NoCow(PathBuf),
+    /// The raw image does not exist.
+    #[error("raw image {0} does not exist")]
+    NoRaw(PathBuf),
+    /// Checkpoint thresholds of zero.
+    #[error("--checkpoint-extents and --checkpoint-ms must be at least 1")]
+    Checkpoint,
+}
+
+/// Raw values as parsed by clap, before validation.
+#[derive(Clone, Debug, Default)]
+pub struct ServeArgsRaw {
+    /// --socket
+    pub socket: Option<PathBuf>,
+    /// --fd
+    pub fd: Option<i32>,
+    /// --cow
+    pub cow: Option<PathBuf>,
+    /// --backing
+    pub backing: Option<PathBuf>,
+    /// --raw
+    pub raw: Option<PathBuf>,
+    /// --queues
+    pub queues: usize,
+    /// --queue-size
+    pub queue_size: u32,
+    /// --readonly
+    pub readonly: bool,
+    /// --serial
+    pub serial: Option<String>,
+    /// --cache
+    pub cache: String,
+    /// --writethrough
+    pub writethrough: bool,
+    /// --checkpoint-extents
+    pub checkpoint_extents: usize,
+    /// --checkpoint-ms
+    pub checkpoint_ms: u64,
+    /// --test-bitmap-delay-ms
+    pub bitmap_delay_ms: u64,
+}
+
+impl TryFrom<ServeArgsRaw> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgsRaw) -> Result<Self, ConfigError> {
+        let listen = match (a.socket, a.fd) {
+            (Some(p), None) => ListenOn::Path(p),
+            (None, Some(fd)) => ListenOn::Fd(fd),
+            _ => return Err(ConfigError::Listen),
+        };
+        let disk = match (a.cow, a.raw) {
+            (Some(cow), None) => {
+                if !cow.exists() && a.backing.is_none() {
+                    return Err(ConfigError::NoCow(cow));
+                }
+                DiskSpec::Cow {
+                    cow,
+                    backing: a.backing,
+                }
+            }
+            (None, Some(raw)) => {
+                if a.backing.is_some() {
+                    return Err(ConfigError::BackingWithoutCow);
+                }
+                if !raw.exists() {
+                    return Err(ConfigError::NoRaw(raw));
+                }
+                DiskSpec::Raw(raw)
+            }
+            _ => return Err(ConfigError::Disk),
+        };
+        if a.queues == 0 || a.queues > MAX_QUEUES {
+            return Err(ConfigError::Queues(a.queues));
+        }
+        if !a.queue_size.is_power_of_two() || !(2..=32768).contains(&a.queue_size) {
+            return Err(ConfigError::QueueSize(a.queue_size));
+        }
+        if let Some(s) = &a.serial {
+            if s.len() > 20 {
+                return Err(ConfigError::Serial(s.len()));
+            }
+        }
+        let cache = match a.cache.as_str() {
+            "none" => CacheMode::None,
+            "writeback" => CacheMode::Writeback,
+            other => return Err(ConfigError::Cache(other.into())),
+        };
+        if a.checkpoint_extents == 0 || a.checkpoint_ms == 0 {
+            return Err(ConfigError::Checkpoint);
+        }
+        Ok(Self {
+            listen,
+            disk,
+            queues: a.queues,
+            queue_size: u16::try_from(a.queue_size)
+                .map_err(|_| ConfigError::QueueSize(a.queue_size))?,
+            readonly: a.readonly,
+            serial: a.serial,
+            cache,
+            writethrough: a.writethrough,
+            checkpoint_extents: a.checkpoint_extents,
+            checkpoint_age: Duration::from_millis(a.checkpoint_ms),
+            bitmap_write_delay: Duration::from_millis(a.bitmap_delay_ms),
+        })
+    }
+}
+
+impl ServeConfig {
+    /// Options for opening the disk.
+    pub fn disk_options(&self) -> DiskOptions {
+        DiskOptions {
+            readonly: self.readonly,
+            direct: self.cache == CacheMode::None,
+            writeback: !self.writethrough,
+            backing: match &self.disk {
+                DiskSpec::Cow { backing, .. } => backing.clone(),
+                DiskSpec::Raw(_) => None,
+            },
+            max_pending_extents: self.checkpoint_extents,
+            max_pending_age: self.checkpoint_age,
+            ring_entries: u32::from(self.queue_size).max(64),
+            bitmap_write_delay: self.bitmap_write_delay,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> ServeArgsRaw {
+        ServeArgsRaw {
+            socket: Some("/run/x.sock".into()),
+            raw: Some("/etc/hostname".into()),
+            queues: 1,
+            queue_size: 256,
+            cache: "writeback".into(),
+            checkpoint_extents: 10,
+            checkpoint_ms: 10,
+            ..ServeArgsRaw::default()
+        }
+    }
+
+    #[test]
+    fn a_good_configuration_passes() {
+        let c = ServeConfig::try_from(good()).unwrap();
+        assert_eq!(c.listen, ListenOn::Path("/run/x.sock".into()));
+        assert_eq!(c.disk, DiskSpec::Raw("/etc/hostname".into()));
+    }
+
+    #[test]
+    fn each_bad_argument_is_rejected() {
+        let e = |f: fn(&mut ServeArgsRaw)| {
+            let mut a = good();
+            f(&mut a);
+            ServeConfig::try_from(a).unwrap_err()
+        };
+        assert_eq!(e(|a| a.fd = Some(3)), ConfigError::Listen);
+        assert_eq!(e(|a| a.socket = None), ConfigError::Listen);
+        assert_eq!(e(|a| a.cow = Some("/x".into())), ConfigError::Disk);
+        assert_eq!(e(|a| a.raw = None), ConfigError::Disk);
+        assert_eq!(
+            e(|a| a.backing = Some("/b".into())),
+            ConfigError::BackingWithoutCow
+        );
+        assert_eq!(e(|a| a.queues = 0), ConfigError::Queues(0));
+        assert_eq!(e(|a| a.queues = 17), ConfigError::Queues(17));
+        assert_eq!(e(|a| a.queue_size = 100), ConfigError::QueueSize(100));
+        assert_eq!(e(|a| a.queue_size = 65536), ConfigError::QueueSize(65536));
+        assert_eq!(
+            e(|a| a.serial = Some("x".repeat(21))),
+            ConfigError::Serial(21)
+        );
+        assert_eq!(
+            e(|a| a.cache = "bogus".into()),
+            ConfigError::Cache("bogus".into())
+        );
+        assert_eq!(e(|a| a.checkpoint_ms = 0), ConfigError::Checkpoint);
+        assert_eq!(
+            e(|a| a.raw = Some("/nonexistent/x.img".into())),
+            ConfigError::NoRaw("/nonexistent/x.img".into())
+        );
+        assert_eq!(
+            e(|a| {
+                a.raw = None;
+                a.cow = Some("/nonexistent/x.cow".into());
+            }),
+            ConfigError::NoCow("/nonexistent/x.cow".into())
+        );
+    }
+}

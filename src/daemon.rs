@@ -1,0 +1,233 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The daemon's life: one listening socket for its whole life (`--socket`
+//! or an inherited `--fd`), one frontend at a time, a fresh vhost-user
+//! daemon per connection, and SIGTERM/SIGINT handling: stop taking
+//! requests, let those in flight complete, persist the disk, exit 0.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, RawFd},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::{disk::DiskError, vhu_blk::BlkBackend};
+
+/// How long SIGTERM waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the daemon listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenOn {
+    /// Bind this path (an existing socket file is replaced).
+    Path(PathBuf),
+    /// An inherited, already listening socket (systemd socket activation).
+    Fd(RawFd),
+}
+
+/// Daemon errors.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// Binding the socket failed.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The inherited descriptor is not a listening socket.
+    #[error("--fd {fd} is not a listening UNIX socket: {reason}")]
+    BadFd {
+        /// The descriptor.
+        fd: RawFd,
+        /// Why.
+        reason: String,
+    },
+    /// Creating the vhost-user daemon failed.
+    #[error("cannot start the vhost-user daemon: {0}")]
+    Daemon(String),
+    /// Persisting the disk at exit failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// Signal handling could not be set up.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread it
+/// starts later, so that only the signal thread receives them. Call first.
+pub fn block_signals() -> Result<libc::sigset_t, DaemonError> {
+    // SAFETY: sigset manipulation on a local, zero-initialised set; plain
+    // syscalls without retained pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGHUP);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(DaemonError::Signals(std::io::Error::from_raw_os_error(rc)));
+        }
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        Ok(set)
+    }
+}
+
+fn validate_listening_fd(fd: RawFd) -> Result<(), DaemonError> {
+    let bad = |reason: String| DaemonError::BadFd { fd, reason };
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `val`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut val).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(std::io::Error::last_os_error().to_string()));
+    }
+    if val == 0 {
+        return Err(bad("the socket is not listening".into()));
+    }
+    Ok(())
+}
+
+/// Serves `backend` until SIGTERM/SIGINT; then drains and persists.
+pub fn run(
+    backend: Arc<BlkBackend>,
+    listen: &ListenOn,
+    signals: libc::sigset_t,
+) -> Result<(), DaemonError> {
+    let mut listener = match listen {
+        ListenOn::Path(p) => Listener::new(p, true).map_err(|e| DaemonError::Listen {
+            path: p.clone(),
+            source: e,
+        })?,
+        ListenOn::Fd(fd) => {
+            validate_listening_fd(*fd)?;
+            // SAFETY: the descriptor was inherited for us to own (checked
+            // above to be a listening socket); nothing else uses it.
+            unsafe { Listener::from_raw_fd(*fd) }
+        }
+    };
+    let listen_fd = listener.as_raw_fd();
+    let stop = Arc::new(AtomicBool::new(false));
+    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    {
+        let (stop, current, backend) = (stop.clone(), current.clone(), backend.clone());
+        std::thread::Builder::new()
+            .name("ubd-signals".into())
+            .spawn(move || signal_thread(&signals, &stop, &current, &backend, listen_fd))
+            .map_err(DaemonError::Signals)?;
+    }
+    let info = backend.disk().info().clone();
+    match listen {
+        ListenOn::Path(p) => log::info!(
+            "serving {} ({} disk, {} sectors) on {}",
+            info.path.display(),
+            info.kind,
+            info.sectors,
+            p.display()
+        ),
+        ListenOn::Fd(fd) => log::info!(
+            "serving {} ({} disk, {} sectors) on inherited fd {fd}",
+            info.path.display(),
+            info.kind,
+            info.sectors
+        ),
+    }
+    while !stop.load(Ordering::Acquire) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new("ubd-vhost".into(), backend.clone(), mem)
+            .map_err(|e| DaemonError::Daemon(e.to_string()))?;
+        for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some((fd, id)) = backend.disk_event_fd(queue) {
+                handler
+                    .register_listener(fd, EventSet::IN, id)
+                    .map_err(|e| DaemonError::Daemon(format!("epoll registration: {e}")))?;
+            }
+        }
+        log::info!("waiting for a vhost-user frontend");
+        if let Err(e) = daemon.start(&mut listener) {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            log::error!("accept failed: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        log::info!("frontend connected");
+        *current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = daemon.shutdown_handle();
+        if stop.load(Ordering::Acquire) {
+            backend.drain(DRAIN_TIMEOUT);
+            daemon.request_shutdown();
+        }
+        let result = daemon.wait();
+        *current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        match result {
+            Ok(()) => log::info!("frontend disconnected"),
+            Err(e) => log::info!("frontend disconnected: {e}"),
+        }
+        drop(daemon);
+        backend.disconnected();
+    }
+    log::info!("stopping: persisting {}", info.path.display());
+    backend.disk().shutdown()?;
+    log::info!("stopped cleanly");
+    Ok(())
+}
+
+fn signal_thread(
+    set: &libc::sigset_t,
+    stop: &AtomicBool,
+    current: &Mutex<Option<ShutdownHandle>>,
+    backend: &BlkBackend,
+    listen_fd: RawFd,
+) {
+    let mut sig: libc::c_int = 0;
+    loop {
+        // SAFETY: `set` is a valid signal set; sigwait writes the signal number.
+        let rc = unsafe { libc::sigwait(set, &raw mut sig) };
+        if rc == 0 && (sig == libc::SIGTERM || sig == libc::SIGINT) {
+            break;
+        }
+        if rc == 0 && sig == libc::SIGHUP {
+            log::info!("SIGHUP ignored");
+        }
+    }
+    log::info!("signal {sig}: draining requests in flight");
+    stop.store(true, Ordering::Release);
+    // Wake `accept` if no frontend is connected.
+    // SAFETY: shutting down our own listening socket; accept returns EINVAL.
+    unsafe { libc::shutdown(listen_fd, libc::SHUT_RDWR) };
+    let handle = current
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if let Some(h) = handle {
+        if !backend.drain(DRAIN_TIMEOUT) {
+            log::error!("requests still in flight after {DRAIN_TIMEOUT:?}; disconnecting anyway");
+        }
+        h.shutdown();
+    }
+}
