@@ -7,11 +7,7 @@
 mod common;
 
 use std::{
-    collections::BTreeSet,
-    os::unix::fs::FileExt,
-    path::Path,
-    process::Command,
-    sync::Arc,
+    collections::BTreeSet, os::unix::fs::FileExt, path::Path, process::Command, sync::Arc,
     time::Duration,
 };
 
@@ -32,14 +28,23 @@ fn opts(backing: Option<&Path>) -> DiskOptions {
 #[test]
 fn create_is_byte_identical_to_uml_mkcow() {
     let dir = tempfile::tempdir().unwrap();
-    for size in [64 << 10, (1 << 20) + 1, (8 << 20) + 100, 3 * 512 + 7, 5 << 20] {
+    for size in [
+        64 << 10,
+        (1 << 20) + 1,
+        (8 << 20) + 100,
+        3 * 512 + 7,
+        5 << 20,
+    ] {
         let base = dir.path().join(format!("base-{size}.img"));
         make_backing(&base, size);
         let ours = dir.path().join(format!("ours-{size}.cow"));
         let theirs = dir.path().join(format!("theirs-{size}.cow"));
         create_cow(&ours, &base, 4096).unwrap();
         run(Command::new(tool("uml_mkcow")).arg(&theirs).arg(&base));
-        let (a, b) = (std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
+        let (a, b) = (
+            std::fs::read(&ours).unwrap(),
+            std::fs::read(&theirs).unwrap(),
+        );
         assert_eq!(a.len(), b.len(), "length differs for size {size}");
         assert!(a == b, "content differs for size {size}");
     }
@@ -132,7 +137,10 @@ fn disk_api_writes_merge_with_uml_moo_and_set_exactly_the_written_bits() {
     // uml_moo drops the trailing partial sector.
     let full = (size / 512 * 512) as usize;
     assert_eq!(merged.len(), full);
-    assert!(merged[..] == back[..full], "uml_moo merge differs from what the Disk API read");
+    assert!(
+        merged[..] == back[..full],
+        "uml_moo merge differs from what the Disk API read"
+    );
     let bits = set_sectors(&disk_bitmap(&cow), nsect);
     assert_eq!(bits, written.into_iter().collect::<Vec<_>>());
 }
@@ -204,7 +212,11 @@ fn check_legacy_file(cow: &Path, base: &Path, size: u64, bitmap_offset: u64, dat
     // Sectors 0, 5..8, 13 and the last full one are in the COW.
     let nsect = size / 512;
     let in_cow = [0u64, 5, 6, 7, 13, nsect - 1];
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(cow).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(cow)
+        .unwrap();
     f.set_len(data_offset + size).unwrap();
     for &s in &in_cow {
         let byte = bitmap_offset + s / 8;
@@ -279,7 +291,10 @@ fn touched_truncated_or_missing_backing_is_refused_with_the_fix() {
     create_cow(&cow, &base, 4096).unwrap();
     set_mtime(&base, BACKING_MTIME + 60);
     let e = open_err(&cow, &opts(None));
-    assert!(e.contains("mtime") && e.contains("base.img") && e.contains("c.cow"), "{e}");
+    assert!(
+        e.contains("mtime") && e.contains("base.img") && e.contains("c.cow"),
+        "{e}"
+    );
     assert!(e.contains("modified"), "{e}");
     set_mtime(&base, BACKING_MTIME);
     open_cow(&cow, &opts(None)).unwrap().shutdown().unwrap();
@@ -294,7 +309,10 @@ fn touched_truncated_or_missing_backing_is_refused_with_the_fix() {
     assert!(e.contains("size 524288") && e.contains("1048576"), "{e}");
     std::fs::remove_file(&base).unwrap();
     let e = open_err(&cow, &opts(None));
-    assert!(e.contains("cannot open backing file") && e.contains("base.img"), "{e}");
+    assert!(
+        e.contains("cannot open backing file") && e.contains("base.img"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -314,7 +332,10 @@ fn corrupt_or_truncated_cow_is_refused_naming_the_file() {
     f.set_len(0).unwrap();
     f.write_all_at(&vec![b'x'; 8192], 0).unwrap();
     let e = open_err(&cow, &opts(None));
-    assert!(e.contains("not a UML COW file") && e.contains("--raw"), "{e}");
+    assert!(
+        e.contains("not a UML COW file") && e.contains("--raw"),
+        "{e}"
+    );
     create_cow(&dir.path().join("d.cow"), &base, 4096).unwrap();
     let d = dir.path().join("d.cow");
     let f = std::fs::OpenOptions::new().write(true).open(&d).unwrap();
@@ -425,7 +446,10 @@ fn unflushed_writes_are_persisted_by_the_checkpoint_and_at_shutdown() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while set_sectors(&disk_bitmap(&cow), 2048).len() < 5 {
-        assert!(std::time::Instant::now() < deadline, "count checkpoint never ran");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "count checkpoint never ran"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     q.write(500, &pattern(500, 1, 1)).unwrap();
@@ -484,13 +508,19 @@ fn a_read_overlapping_a_pending_bitmap_write_waits_and_others_do_not() {
                     q.wait(Some(Duration::from_millis(50)));
                     q.poll(&mut out);
                 }
-                assert!(std::time::Instant::now() < deadline, "bitmap write never pending");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "bitmap write never pending"
+                );
             }
         }
     };
     assert!(disk.stats().reads_parked >= 1);
     // Sector 64 (bitmap byte 8) is not delayed.
-    assert!(matches!(q.submit(read(&mut buf64, 64, 2)), Submitted::Queued));
+    assert!(matches!(
+        q.submit(read(&mut buf64, 64, 2)),
+        Submitted::Queued
+    ));
     q.commit().unwrap();
     let mut out = Vec::new();
     let mut retry = false;
@@ -499,7 +529,10 @@ fn a_read_overlapping_a_pending_bitmap_write_waits_and_others_do_not() {
         retry |= q.poll(&mut out);
     }
     assert_eq!(out[0].tag, 2);
-    assert!(!flusher.is_finished(), "flush finished before the parked read was tested");
+    assert!(
+        !flusher.is_finished(),
+        "flush finished before the parked read was tested"
+    );
     // The parked read is retried once a bitmap write completes.
     while !retry {
         q.wait(Some(Duration::from_millis(50)));
