@@ -41,5 +41,10 @@ unit:
 test: deps images lint
 	$(CARGO) test --all-targets -- --test-threads=2
 
+# The main job end to end: base image, COW, daemon, a QEMU guest that
+# writes and verifies, a second boot, `info`, base hash unchanged.
+demo: deps images release
+	VUB_BIN=$(CURDIR)/target/release/vhost-user-ubd scripts/demo.sh
+
 clean:
 	$(CARGO) clean
