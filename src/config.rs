@@ -206,6 +206,7 @@ impl ServeConfig {
             max_pending_age: self.checkpoint_age,
             ring_entries: u32::from(self.queue_size).max(64),
             bitmap_write_delay: self.bitmap_write_delay,
+            observer: None,
         }
     }
 }

@@ -190,8 +190,10 @@ impl Disk for CowDisk {
         let event = Arc::new(EventFd::new().map_err(setup)?);
         let mailbox = Arc::new(Mailbox::new(event.clone()));
         s.channel.register(&mailbox);
+        let mut engine = Engine::new(s.opts.ring_entries, event).map_err(setup)?;
+        engine.set_observer(s.opts.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(CowQueue {
-            engine: Engine::new(s.opts.ring_entries, event).map_err(setup)?,
+            engine,
             data_fd: s.file.data_fd.as_raw_fd(),
             backing_fd: s.file.backing_fd.as_raw_fd(),
             shared: s.clone(),

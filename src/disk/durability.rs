@@ -239,7 +239,10 @@ struct Meta {
 /// Runs the durability thread of a COW disk until shutdown.
 pub fn run(shared: Arc<CowShared>, event: Arc<EventFd>) {
     let engine = match Engine::new(META_RING, event) {
-        Ok(e) => e,
+        Ok(mut e) => {
+            e.set_observer(shared.opts.observer.as_ref().map(|o| o.0.clone()));
+            e
+        }
         Err(e) => {
             log::error!(
                 "{}: cannot start the durability thread: {e}",

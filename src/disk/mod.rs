@@ -301,6 +301,19 @@ pub struct DiskOptions {
     /// the R3/R4 windows (overlapping bitmap writes wait, reads park) can
     /// be observed. Zero in production.
     pub bitmap_write_delay: Duration,
+    /// Recording layer: sees every write and sync of the disk's files
+    /// (crash-state exploration). `None` in production.
+    pub observer: Option<Observer>,
+}
+
+/// An [`IoObserver`](crate::engine::IoObserver) attached to a disk.
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn crate::engine::IoObserver>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl Default for DiskOptions {
@@ -314,6 +327,7 @@ impl Default for DiskOptions {
             max_pending_age: Duration::from_secs(1),
             ring_entries: 256,
             bitmap_write_delay: Duration::ZERO,
+            observer: None,
         }
     }
 }

@@ -50,6 +50,7 @@ struct Shared {
     closed: AtomicBool,
     ring_entries: u32,
     zeros: crate::engine::AlignedBuf,
+    observer: Option<super::Observer>,
 }
 
 impl RawDisk {
@@ -105,6 +106,7 @@ impl RawDisk {
             closed: AtomicBool::new(false),
             ring_entries: opts.ring_entries,
             zeros,
+            observer: opts.observer.clone(),
         });
         Ok(Self { shared })
     }
@@ -122,8 +124,10 @@ impl Disk for RawDisk {
             source: e,
         };
         let event = Arc::new(EventFd::new().map_err(setup)?);
+        let mut engine = Engine::new(s.ring_entries, event).map_err(setup)?;
+        engine.set_observer(s.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(RawQueue {
-            engine: Engine::new(s.ring_entries, event).map_err(setup)?,
+            engine,
             fd: s.file.as_raw_fd(),
             info: s.info.clone(),
             writeback: s.writeback.load(Ordering::Relaxed),

@@ -4,4 +4,4 @@
 
 pub mod uring;
 
-pub use uring::{AlignedBuf, Engine, EventFd, IoDone, IoKind, IoOp};
+pub use uring::{AlignedBuf, Engine, EventFd, IoDone, IoKind, IoObserver, IoOp};

@@ -150,6 +150,8 @@ pub struct IoOp {
     total: usize,
     done: usize,
     tag: u64,
+    /// Observer token of an fsync.
+    sync_token: u64,
 }
 
 // SAFETY: the raw pointers in the iovecs refer to memory that the submitter
@@ -213,6 +215,7 @@ impl IoOp {
             total,
             done: 0,
             tag,
+            sync_token: 0,
         };
         if direct && !aligned(&op.iov, offset) {
             let buf = AlignedBuf::new(total)?;
@@ -246,6 +249,7 @@ impl IoOp {
             total: 0,
             done: 0,
             tag,
+            sync_token: 0,
         }
     }
 
@@ -261,7 +265,24 @@ impl IoOp {
             total: 0,
             done: 0,
             tag,
+            sync_token: 0,
         }
+    }
+
+    /// Copies the first `n` bytes the kernel was given (for observers).
+    fn head_bytes(&self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        for v in &self.iov {
+            let take = v.iov_len.min(n - out.len());
+            // SAFETY: the iovecs are valid for reads until completion
+            // (contract of `Engine::push`); we read `take <= iov_len` bytes.
+            let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), take) };
+            out.extend_from_slice(src);
+            if out.len() == n {
+                break;
+            }
+        }
+        out
     }
 
     fn sqe(&self, key: u64) -> squeue::Entry {
@@ -328,6 +349,20 @@ impl IoOp {
     }
 }
 
+/// Sees every write, punch and sync an engine completes (the recording
+/// layer of the crash-state checker). Called on the thread that reaps.
+pub trait IoObserver: Send + Sync {
+    /// `data` was written at `offset` of `fd` (one completion; a short write
+    /// reports only what reached the file).
+    fn on_write(&self, fd: RawFd, offset: u64, data: &[u8]);
+    /// `len` bytes at `offset` were deallocated or zeroed.
+    fn on_zero(&self, fd: RawFd, offset: u64, len: u64);
+    /// An `fdatasync` of `fd` is about to be submitted; returns a token.
+    fn on_sync_start(&self, fd: RawFd) -> u64;
+    /// That `fdatasync` completed (`ok` false: it failed).
+    fn on_sync_done(&self, token: u64, ok: bool);
+}
+
 /// A finished operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoDone {
@@ -344,6 +379,7 @@ pub struct Engine {
     ops: Slab<IoOp>,
     event: Arc<EventFd>,
     queued: usize,
+    observer: Option<Arc<dyn IoObserver>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -367,7 +403,13 @@ impl Engine {
             ops: Slab::with_capacity(entries as usize),
             event,
             queued: 0,
+            observer: None,
         })
+    }
+
+    /// Reports every write, zeroing and sync to `observer` from now on.
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn IoObserver>>) {
+        self.observer = observer;
     }
 
     /// The eventfd signalled on completions.
@@ -400,7 +442,10 @@ impl Engine {
     /// The memory described by the op's iovecs must stay valid (writable for
     /// reads, readable for writes) and must not be accessed by anyone else
     /// until the op's [`IoDone`] has been returned by [`Self::reap`].
-    pub unsafe fn push(&mut self, op: IoOp) -> io::Result<()> {
+    pub unsafe fn push(&mut self, mut op: IoOp) -> io::Result<()> {
+        if let (IoKind::Fsync, Some(obs)) = (op.kind, &self.observer) {
+            op.sync_token = obs.on_sync_start(op.fd);
+        }
         if matches!(op.kind, IoKind::Read | IoKind::Write { .. }) && op.total == 0 {
             let entry = self.ops.vacant_entry();
             let key = entry.key() as u64;
@@ -477,6 +522,18 @@ impl Engine {
             log::error!("io_uring completion for unknown operation {key}");
             return Ok(());
         };
+        if let Some(obs) = &self.observer {
+            match op.kind {
+                IoKind::Write { .. } if res > 0 => {
+                    let n = (res as usize).min(iov_total(&op.iov));
+                    let off = op.offset.saturating_add(op.done as u64);
+                    obs.on_write(op.fd, off, &op.head_bytes(n));
+                }
+                IoKind::Fallocate { len, .. } if res == 0 => obs.on_zero(op.fd, op.offset, len),
+                IoKind::Fsync => obs.on_sync_done(op.sync_token, res == 0),
+                _ => {}
+            }
+        }
         let finished = if res < 0 {
             Some(i64::from(res))
         } else {
