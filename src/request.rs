@@ -279,7 +279,7 @@ where
             }
             req.data_len = total(&writable).map_err(bad)?;
             req.data = writable;
-            if rtype == RequestType::In && req.data_len % SECTOR != 0 {
+            if rtype == RequestType::In && req.data_len.checked_rem(SECTOR) != Some(0) {
                 return Err(bad(ParseError::Unaligned));
             }
         }
@@ -289,7 +289,7 @@ where
             }
             req.data_len = total(&readable).map_err(bad)?;
             req.data = readable;
-            if req.data_len % SECTOR != 0 {
+            if req.data_len.checked_rem(SECTOR) != Some(0) {
                 return Err(bad(ParseError::Unaligned));
             }
         }
@@ -298,7 +298,10 @@ where
                 return Err(bad(ParseError::Direction));
             }
             let len = total(&readable).map_err(bad)?;
-            if len == 0 || len % u64::from(RANGE_LEN) != 0 || len > 64 * u64::from(RANGE_LEN) {
+            if len == 0
+                || len.checked_rem(u64::from(RANGE_LEN)) != Some(0)
+                || len > 64 * u64::from(RANGE_LEN)
+            {
                 return Err(bad(ParseError::BadRanges));
             }
             let mut raw = vec![0u8; usize::try_from(len).map_err(|_| bad(ParseError::Overflow))?];

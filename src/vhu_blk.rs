@@ -69,7 +69,8 @@ const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Discard alignment in sectors (4 KiB).
 const DISCARD_ALIGN: u32 = 8;
 /// Largest segment the guest may send.
-const SIZE_MAX: u32 = 4 << 20;
+/// (`size_max * seg_max` must fit in an i32: libblkio computes it so.)
+const SIZE_MAX: u32 = 1 << 20;
 /// Most segments per request (stays below IOV_MAX).
 const SEG_MAX_CAP: u32 = 1022;
 /// Epoll id of the disk queue's eventfd (ids up to `num_queues` are reserved).

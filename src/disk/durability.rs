@@ -197,6 +197,10 @@ struct Epoch {
     phase: Phase,
     waiters: Vec<Reply>,
     extra: Vec<Range<u64>>,
+    /// Sectors whose bits this epoch sets: snapshot of `unpersisted` taken
+    /// when its data sync is issued (only writes completed by then are
+    /// covered by that sync), plus `extra`.
+    batch: Vec<Range<u64>>,
     /// Needs a sync even without waiters (checkpoint, shutdown).
     wanted: bool,
     outstanding: usize,
@@ -210,6 +214,7 @@ impl Epoch {
             phase: Phase::Open,
             waiters: Vec::new(),
             extra: Vec::new(),
+            batch: Vec::new(),
             wanted: false,
             outstanding: 0,
             error: None,
@@ -443,13 +448,17 @@ impl Meta {
             .is_some_and(|e| e.wanted || !e.waiters.is_empty());
         if ready {
             if let Some(mut e) = self.open.take() {
+                // The batch is fixed now: the sync about to be issued covers
+                // exactly the writes that completed before this point.
+                if let Ok(mut s) = self.shared.state.lock() {
+                    e.batch = s.unpersisted.iter().collect();
+                    s.since = None;
+                    s.checkpoint_requested = false;
+                }
+                e.batch.append(&mut e.extra);
                 e.phase = Phase::DataSync;
                 covered.push(e.id);
                 self.epochs.push_back(e);
-            }
-            if let Ok(mut s) = self.shared.state.lock() {
-                s.since = None;
-                s.checkpoint_requested = false;
             }
         }
         if covered.is_empty() {
@@ -525,16 +534,13 @@ impl Meta {
     /// The epoch's data is durable: write the bits of its batch.
     fn start_bitmaps(&mut self, id: u64) {
         let shared = self.shared.clone();
-        let extra = self
-            .epoch_mut(id)
-            .map(|e| std::mem::take(&mut e.extra))
-            .unwrap_or_default();
         let mut batch: Vec<Range<u64>> = std::mem::take(&mut self.rewrite);
+        if let Some(e) = self.epoch_mut(id) {
+            batch.append(&mut e.batch);
+        }
         let mut issued = Vec::new();
         let mut count = 0usize;
         if let Ok(mut s) = shared.state.lock() {
-            batch.extend(s.unpersisted.iter());
-            batch.extend(extra);
             let limit = shared.file.geometry.bitmap_sectors();
             for r in &mut batch {
                 r.end = r.end.min(limit);
