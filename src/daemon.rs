@@ -190,11 +190,28 @@ pub fn run(
         }
         drop(daemon);
         backend.disconnected();
+        log_stats(&backend);
     }
     log::info!("stopping: persisting {}", info.path.display());
     backend.disk().shutdown()?;
+    log_stats(&backend);
     log::info!("stopped cleanly");
     Ok(())
+}
+
+fn log_stats(backend: &BlkBackend) {
+    let d = backend.disk().stats();
+    log::info!(
+        "stats: requests completed {}, bad requests {}, reads parked (R4) {}, bitmap writes {} \
+         (waited R3: {}), syncs {}, durability epochs {}",
+        backend.stats.completed.load(Ordering::Relaxed),
+        backend.stats.bad_requests.load(Ordering::Relaxed),
+        d.reads_parked,
+        d.bitmap_writes,
+        d.bitmap_writes_waited,
+        d.syncs,
+        d.epochs
+    );
 }
 
 fn signal_thread(
