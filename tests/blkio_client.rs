@@ -1622,6 +1622,18 @@ fn r4_reads_overlapping_a_held_bitmap_write_wait_and_others_do_not() {
             // The flush made the write durable with its bit.
             drop(c);
             assert_eq!(d.terminate().code(), Some(0));
+            // The daemon's own count of reads it parked (R4), from its exit log.
+            let log = d.log();
+            let parked: u64 = log
+                .lines()
+                .filter_map(|l| l.split("reads parked (R4) ").nth(1))
+                .filter_map(|r| r.split(',').next()?.trim().parse().ok())
+                .max()
+                .unwrap_or_else(|| panic!("no stats line in the daemon log:\n{log}"));
+            assert!(
+                parked >= 1,
+                "the daemon parked no read (R4 never triggered)"
+            );
             let bits = set_sectors(&disk_bitmap(&cow), m.nsect);
             assert_eq!(bits, vec![0], "COW bits after one written sector");
             let merged = uml_moo(&cow, &dir.path().join("merged.img"));
