@@ -46,5 +46,9 @@ test: deps images lint
 demo: deps images release
 	VUB_BIN=$(CURDIR)/target/release/vhost-user-ubd scripts/demo.sh
 
+# Larger seeded sweeps of the reliability tests.
+crash-sweep:
+	CRASH_STATES=200000 $(CARGO) test --release --test crash_states -- --nocapture
+
 clean:
 	$(CARGO) clean
