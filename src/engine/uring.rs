@@ -380,6 +380,8 @@ pub struct Engine {
     event: Arc<EventFd>,
     queued: usize,
     observer: Option<Arc<dyn IoObserver>>,
+    /// Completions taken off the ring while it was full, not yet handled.
+    stash: Vec<(u64, i32)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -404,6 +406,7 @@ impl Engine {
             event,
             queued: 0,
             observer: None,
+            stash: Vec::new(),
         })
     }
 
@@ -432,6 +435,20 @@ impl Engine {
                 return Ok(());
             }
             self.submit()?;
+            if self.ring.submission().is_full() {
+                // The kernel refused (EBUSY: completion backlog). Move the
+                // completions aside so it can make progress; `reap` handles
+                // them first.
+                let cqes: Vec<(u64, i32)> = self
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result()))
+                    .collect();
+                if cqes.is_empty() {
+                    std::thread::yield_now();
+                }
+                self.stash.extend(cqes);
+            }
         }
     }
 
@@ -487,7 +504,7 @@ impl Engine {
 
     /// Blocks until at least one completion is ready (after submitting).
     pub fn wait(&mut self) -> io::Result<()> {
-        if self.ops.is_empty() {
+        if self.ops.is_empty() || !self.stash.is_empty() {
             return Ok(());
         }
         self.queued = 0;
@@ -502,11 +519,8 @@ impl Engine {
     pub fn reap(&mut self, out: &mut Vec<IoDone>) -> io::Result<()> {
         self.event.drain();
         loop {
-            let batch: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let mut batch: Vec<(u64, i32)> = std::mem::take(&mut self.stash);
+            batch.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if batch.is_empty() {
                 break;
             }
