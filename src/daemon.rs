@@ -185,8 +185,20 @@ pub fn run(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         match result {
-            Ok(()) => log::info!("frontend disconnected"),
-            Err(e) => log::info!("frontend disconnected: {e}"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::InvalidParam,
+            )) => {
+                log::warn!(
+                    "frontend disconnected after an invalid request (a queue index beyond --queues {}? \
+                     raise --queues to the frontend's num-queues)",
+                    vhost_user_backend::VhostUserBackend::num_queues(backend.as_ref())
+                );
+            }
+            Err(e) => log::warn!("frontend disconnected: {e}"),
         }
         drop(daemon);
         backend.disconnected();

@@ -220,6 +220,16 @@ fn lock(w: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
     w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// True when the worker has nothing in flight; false while it is busy
+/// (never blocks, so callers' deadlines hold).
+fn idle(w: &Mutex<Worker>) -> bool {
+    match w.try_lock() {
+        Ok(g) => g.slots.is_empty(),
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().slots.is_empty(),
+        Err(std::sync::TryLockError::WouldBlock) => false,
+    }
+}
+
 impl BlkBackend {
     /// A backend with one disk queue per virtqueue.
     pub fn new(disk: Arc<dyn Disk>, cfg: BlkConfig) -> Result<Self, crate::disk::DiskError> {
@@ -298,7 +308,7 @@ impl BlkBackend {
         self.stopping.store(true, Ordering::Release);
         let deadline = Instant::now() + timeout;
         loop {
-            if self.workers.iter().all(|w| lock(w).slots.is_empty()) {
+            if self.workers.iter().all(idle) {
                 return true;
             }
             if Instant::now() > deadline {
@@ -379,7 +389,12 @@ impl BlkBackend {
             if event_idx {
                 let _ = vring.disable_notification();
             }
-            self.pop_all(w, vring);
+            if !self.pop_all(w, vring) {
+                // Stopped (not ready, draining, no memory): leave the ring
+                // alone; re-enabling notifications would report the
+                // unpopped requests forever.
+                break;
+            }
             if !event_idx {
                 break;
             }
@@ -394,34 +409,37 @@ impl BlkBackend {
         }
     }
 
-    fn pop_all(&self, w: &mut Worker, vring: &Vring) {
+    /// Pops and starts requests until the ring is empty (true) or popping
+    /// must stop: ring not ready, draining, or no guest memory (false).
+    fn pop_all(&self, w: &mut Worker, vring: &Vring) -> bool {
         let Some(mem) = self.memory() else {
-            return;
+            return false;
         };
-        loop {
+        let drained = loop {
             if self.stopping.load(Ordering::Acquire) {
-                break;
+                break false;
             }
             let chain = {
                 let mut state = vring.get_mut();
                 if !state.get_queue().ready() {
-                    break;
+                    break false;
                 }
                 state.get_queue_mut().pop_descriptor_chain(mem.clone())
             };
             let Some(chain) = chain else {
-                break;
+                break true;
             };
             let head = chain.head_index();
             let descs: Vec<(GuestAddress, u32, bool)> = chain
                 .map(|d| (d.addr(), d.len(), d.is_write_only()))
                 .collect();
             self.start(w, head, &descs, &mem);
-        }
+        };
         if let Err(e) = w.queue.commit() {
             log::error!("{}: io_uring submit: {e}", self.disk.info().path.display());
         }
         self.reap(w, vring);
+        drained
     }
 
     fn start(
@@ -681,12 +699,35 @@ impl BlkBackend {
             } else {
                 true
             };
+            if log::log_enabled!(log::Level::Trace) {
+                let st = vring.get_ref();
+                let q = st.get_queue();
+                let addr = GuestAddress(q.avail_ring() + 4 + 2 * u64::from(q.size()));
+                let ue = self.memory().and_then(|m| m.read_obj::<u16>(addr).ok());
+                log::trace!(
+                    "seq {}: next_used {} used_event {ue:?}: notify {notify}",
+                    w.base_seq,
+                    q.next_used()
+                );
+            }
             if notify {
                 if let Err(e) = vring.signal_used_queue() {
                     log::debug!("signal_used_queue: {e}");
                 }
             }
         }
+    }
+}
+
+/// Offset into the device config. cloud-hypervisor addresses the config
+/// space as in virtio-pci, starting at `VHOST_USER_CONFIG_OFFSET` (0x100);
+/// QEMU and libblkio start at 0.
+fn config_offset(offset: u32) -> u32 {
+    const VHOST_USER_CONFIG_OFFSET: u32 = 0x100;
+    if offset >= VHOST_USER_CONFIG_OFFSET {
+        offset - VHOST_USER_CONFIG_OFFSET
+    } else {
+        offset
     }
 }
 
@@ -771,6 +812,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let offset = config_offset(offset);
         let c = self.config_bytes();
         let mut out = vec![0u8; size as usize];
         let start = offset as usize;
@@ -784,6 +826,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let offset = config_offset(offset);
         if offset == CONFIG_WCE_OFFSET && buf.len() == 1 {
             let acked = self.acked.load(Ordering::Acquire);
             if acked & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 || self.cfg.writethrough {
@@ -837,7 +880,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !lock(w).slots.is_empty() {
+        while !idle(w) {
             if Instant::now() > deadline {
                 log::error!("queue {index}: requests still in flight at GET_VRING_BASE after 30 s");
                 break;
