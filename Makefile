@@ -50,5 +50,19 @@ demo: deps images release
 crash-sweep:
 	CRASH_STATES=200000 $(CARGO) test --release --test crash_states -- --nocapture
 
+# Coverage-guided fuzzing (libFuzzer through cargo-fuzz; the stable
+# toolchain is allowed its -Z flags with RUSTC_BOOTSTRAP). FUZZ_SECONDS per
+# target. Crashes land in fuzz/artifacts/; copy them into fuzz/corpus/<target>/
+# so that `make test` replays them (tests/fuzz_replay.rs).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := request cow_header disk_ops
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) \
+	    -print_final_stats=1 2>&1 | grep -E "stat::number_of_executed_units|Done|ERROR|crash" ; \
+	done
+
 clean:
 	$(CARGO) clean

@@ -680,7 +680,10 @@ fn every_crash_state_reads_flushed_or_newer_data() {
         explored += n;
     }
     println!("explored {explored} crash states");
-    assert!(explored >= total, "explored {explored} states, wanted {total}");
+    assert!(
+        explored >= total,
+        "explored {explored} states, wanted {total}"
+    );
 }
 
 #[test]
