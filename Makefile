@@ -49,6 +49,7 @@ demo: deps images release
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:
 	CRASH_STATES=200000 $(CARGO) test --release --test crash_states -- --nocapture
+	KILL_ITERS=100 $(CARGO) test --release --test kill9 -- --nocapture
 
 # Coverage-guided fuzzing (libFuzzer through cargo-fuzz; the stable
 # toolchain is allowed its -Z flags with RUSTC_BOOTSTRAP). FUZZ_SECONDS per

@@ -1,0 +1,376 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! kill -9 under load: a libblkio client does verified random writes with
+//! periodic flushes on two queues; the daemon is SIGKILLed at a random
+//! moment, restarted on the same COW, and every write whose flush completed
+//! before the kill must read back intact (sectors may also hold newer data
+//! the client wrote). The backing file never changes.
+//!
+//! `KILL_ITERS` (default 25; `make crash-sweep`: 100) and `KILL_SEED`.
+
+mod common;
+mod support;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use blkio::ReqFlags;
+use common::*;
+use support::{
+    client::{self, Client, ClientConfig},
+    daemon::DaemonBuilder,
+};
+
+const SECTORS: u64 = 8192; // 4 MiB hot area
+const QUEUES: usize = 2;
+const DEPTH: usize = 8;
+const SLOT: usize = 16 * 512; // largest write: 16 sectors
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Sector content written by write `id`.
+fn stamp(id: u64, sector: u64) -> [u8; 512] {
+    let mut v = [0u8; 512];
+    v[..8].copy_from_slice(b"KILL9WR!");
+    v[8..16].copy_from_slice(&id.to_le_bytes());
+    v[16..24].copy_from_slice(&sector.to_le_bytes());
+    for (i, b) in v[24..].iter_mut().enumerate() {
+        *b = (id as u8) ^ (sector as u8).wrapping_mul(3) ^ (i as u8) | 1;
+    }
+    v
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Content {
+    Backing,
+    Write(u64),
+    Other,
+}
+
+/// One write as the model knows it.
+#[derive(Clone, Copy, Debug)]
+struct W {
+    id: u64,
+    submit: u64,
+    done: Option<u64>,
+}
+
+#[derive(Default)]
+struct Model {
+    /// Per sector: its writes in submission order (the client never has two
+    /// writes to one sector in flight).
+    writes: HashMap<u64, Vec<W>>,
+    /// Flushes: (submit, done) sequence numbers.
+    flushes: Vec<(u64, Option<u64>)>,
+    /// Content every sector had (durably) when the iteration started.
+    start: HashMap<u64, Content>,
+}
+
+impl Model {
+    /// What sector `s` may hold after the kill.
+    fn valid(&self, s: u64) -> Vec<Content> {
+        let durable_point = self
+            .flushes
+            .iter()
+            .filter(|f| f.1.is_some())
+            .map(|f| f.0)
+            .max();
+        let ws = self.writes.get(&s).map(Vec::as_slice).unwrap_or(&[]);
+        let durable = ws
+            .iter()
+            .rposition(|w| durable_point.is_some_and(|p| w.done.is_some_and(|d| d < p)));
+        let base = durable.map_or_else(
+            || self.start.get(&s).copied().unwrap_or(Content::Backing),
+            |i| Content::Write(ws[i].id),
+        );
+        let mut v = vec![base];
+        v.extend(
+            ws[durable.map_or(0, |i| i + 1)..]
+                .iter()
+                .map(|w| Content::Write(w.id)),
+        );
+        v
+    }
+}
+
+fn identify(s: u64, got: &[u8]) -> Content {
+    let back: Vec<u8> = (s * 512..s * 512 + 512).map(backing_byte).collect();
+    if got == back.as_slice() {
+        return Content::Backing;
+    }
+    if &got[..8] == b"KILL9WR!" {
+        let id = u64::from_le_bytes(got[8..16].try_into().unwrap());
+        if got == stamp(id, s) {
+            return Content::Write(id);
+        }
+    }
+    Content::Other
+}
+
+/// One queue's writer: random writes over its half of the hot area, a
+/// flush every 16 writes, until the daemon dies or `stop` is set.
+fn writer(
+    q: &mut blkio::Blkioq,
+    mem: client::Mem,
+    qi: usize,
+    seed: u64,
+    seq: &AtomicU64,
+    next_id: &AtomicU64,
+    model: &Mutex<Model>,
+    stop: &AtomicBool,
+) {
+    let mut rng = Rng(seed);
+    let mut busy = vec![false; SECTORS as usize];
+    // user_data -> (slot, sectors or flush)
+    let mut inflight: HashMap<usize, (usize, Option<(u64, u64, u64)>)> = HashMap::new();
+    let mut free: Vec<usize> = (0..DEPTH).collect();
+    let mut ud = 1usize;
+    let mut writes = 0u64;
+    let base_off = qi * DEPTH * SLOT;
+    loop {
+        while !stop.load(Ordering::Acquire) && !free.is_empty() {
+            let slot = free.pop().unwrap();
+            if writes % 16 == 15 {
+                let s = seq.fetch_add(1, Ordering::SeqCst);
+                model.lock().unwrap().flushes.push((s, None));
+                q.flush(ud, ReqFlags::empty());
+                inflight.insert(ud, (slot, None));
+            } else {
+                let n = 1 + rng.below(16);
+                // Sectors of this queue: 64-sector chunks with (chunk % 2) == qi.
+                let chunk = rng.below(SECTORS / 64 / 2) * 2 + qi as u64;
+                let sector = chunk * 64 + rng.below(64 - n + 1);
+                if busy[sector as usize..(sector + n) as usize]
+                    .iter()
+                    .any(|&b| b)
+                {
+                    free.push(slot);
+                    break;
+                }
+                busy[sector as usize..(sector + n) as usize].fill(true);
+                let id = next_id.fetch_add(1, Ordering::SeqCst);
+                let mut data = Vec::with_capacity((n * 512) as usize);
+                for s in sector..sector + n {
+                    data.extend_from_slice(&stamp(id, s));
+                }
+                let off = base_off + slot * SLOT;
+                mem.write(off, &data);
+                let s = seq.fetch_add(1, Ordering::SeqCst);
+                {
+                    let mut m = model.lock().unwrap();
+                    for sec in sector..sector + n {
+                        m.writes.entry(sec).or_default().push(W {
+                            id,
+                            submit: s,
+                            done: None,
+                        });
+                    }
+                }
+                q.write(
+                    sector * 512,
+                    mem.ptr(off, data.len()),
+                    data.len(),
+                    ud,
+                    ReqFlags::empty(),
+                );
+                inflight.insert(ud, (slot, Some((sector, n, id))));
+            }
+            writes += 1;
+            ud += 1;
+        }
+        if stop.load(Ordering::Acquire) && inflight.is_empty() {
+            return;
+        }
+        let done = match client::wait(q, 1, Duration::from_millis(200)) {
+            Ok(d) => d,
+            Err(_) if stop.load(Ordering::Acquire) => return,
+            Err(_) => continue,
+        };
+        for d in done {
+            let Some((slot, what)) = inflight.remove(&d.user_data) else {
+                continue;
+            };
+            free.push(slot);
+            if d.ret != 0 {
+                // The daemon died under the request: it did not complete.
+                continue;
+            }
+            let s = seq.fetch_add(1, Ordering::SeqCst);
+            let mut m = model.lock().unwrap();
+            match what {
+                None => {
+                    if let Some(f) = m.flushes.iter_mut().rev().find(|f| f.1.is_none()) {
+                        f.1 = Some(s);
+                    }
+                }
+                Some((sector, n, id)) => {
+                    for sec in sector..sector + n {
+                        if let Some(w) = m
+                            .writes
+                            .get_mut(&sec)
+                            .and_then(|v| v.iter_mut().find(|w| w.id == id))
+                        {
+                            w.done = Some(s);
+                        }
+                    }
+                    busy[sector as usize..(sector + n) as usize].fill(false);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn flushed_writes_survive_kill_9_under_load() {
+    let iters: usize = std::env::var("KILL_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25);
+    let seed: u64 = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x6b11_9000_0000_0001);
+    println!("kill -9 iterations: {iters}, seed {seed:#x} (KILL_ITERS / KILL_SEED)");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    make_backing(&base, SECTORS * 512);
+    let base_bytes = std::fs::read(&base).unwrap();
+    let cow = dir.path().join("vm.cow");
+    let mut rng = Rng(seed);
+    let next_id = AtomicU64::new(1);
+    let mut current: HashMap<u64, Content> = HashMap::new();
+    let mut checked_sectors = 0u64;
+    let t0 = Instant::now();
+    for iter in 0..iters {
+        let d = DaemonBuilder::new(dir.path())
+            .name(&format!("d{iter}"))
+            .cow(&cow, Some(&base))
+            .queues(QUEUES)
+            .queue_size(256)
+            .spawn();
+        let mut c = Client::connect(
+            d.socket(),
+            &ClientConfig {
+                num_queues: QUEUES,
+                read_only: false,
+                mem_len: QUEUES * DEPTH * SLOT + (1 << 20),
+            },
+        )
+        .unwrap();
+        // Everything read back so far is durable at the start.
+        if iter > 0 {
+            assert_eq!(client::flush(c.q(0)), 0);
+        }
+        let model = Arc::new(Mutex::new(Model {
+            start: current.clone(),
+            ..Model::default()
+        }));
+        let seq = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mem = c.mem;
+        let mut queues = std::mem::take(&mut c.queues);
+        let kill_after = Duration::from_millis(30 + rng.below(250));
+        let killed = std::thread::scope(|sc| {
+            let mut handles = Vec::new();
+            for (qi, q) in queues.iter_mut().enumerate() {
+                let (seq, model, stop, next_id) = (&seq, &model, &stop, &next_id);
+                let s = rng.next();
+                handles.push(sc.spawn(move || writer(q, mem, qi, s, seq, next_id, model, stop)));
+            }
+            std::thread::sleep(kill_after);
+            d.kill();
+            stop.store(true, Ordering::Release);
+            for h in handles {
+                h.join().unwrap();
+            }
+            true
+        });
+        assert!(killed);
+        drop(queues);
+        drop(c);
+        drop(d);
+
+        // Restart on the same COW and read the hot area back.
+        let d = DaemonBuilder::new(dir.path())
+            .name(&format!("r{iter}"))
+            .cow(&cow, None)
+            .queues(1)
+            .queue_size(256)
+            .spawn();
+        let mut c = Client::connect(
+            d.socket(),
+            &ClientConfig {
+                num_queues: 1,
+                read_only: false,
+                mem_len: 1 << 20,
+            },
+        )
+        .unwrap();
+        let m = model.lock().unwrap();
+        let flushes_done = m.flushes.iter().filter(|f| f.1.is_some()).count();
+        let writes_done = m
+            .writes
+            .values()
+            .flatten()
+            .filter(|w| w.done.is_some())
+            .count();
+        let mem = c.mem;
+        for start in (0..SECTORS).step_by(1024) {
+            let data = client::read_at(c.q(0), mem, 0, start * 512, 1024 * 512).unwrap();
+            for s in start..start + 1024 {
+                let got = identify(
+                    s,
+                    &data[((s - start) * 512) as usize..((s - start + 1) * 512) as usize],
+                );
+                let valid = m.valid(s);
+                assert!(
+                    valid.contains(&got),
+                    "iteration {iter} (killed after {kill_after:?}, {flushes_done} flushes and \
+                     {writes_done} writes completed): sector {s} reads {got:?}, allowed {valid:?}"
+                );
+                current.insert(s, got);
+                checked_sectors += 1;
+            }
+        }
+        drop(m);
+        assert_eq!(client::flush(c.q(0)), 0);
+        drop(c);
+        assert_eq!(d.terminate().code(), Some(0));
+        assert!(
+            std::fs::read(&base).unwrap() == base_bytes,
+            "iteration {iter}: the backing file changed"
+        );
+        if iter < 3 || iter + 1 == iters {
+            println!(
+                "iteration {iter}: killed after {kill_after:?}: {writes_done} writes and {flushes_done} flushes had completed"
+            );
+        }
+    }
+    let meta = std::fs::metadata(&base).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::mtime(&meta) as u64,
+        BACKING_MTIME,
+        "the backing file's mtime changed"
+    );
+    println!(
+        "{iters} kill -9 iterations, {checked_sectors} sectors checked, {:?}",
+        t0.elapsed()
+    );
+}
