@@ -68,7 +68,6 @@ enum Content {
 #[derive(Clone, Copy, Debug)]
 struct W {
     id: u64,
-    submit: u64,
     done: Option<u64>,
 }
 
@@ -92,7 +91,7 @@ impl Model {
             .filter(|f| f.1.is_some())
             .map(|f| f.0)
             .max();
-        let ws = self.writes.get(&s).map(Vec::as_slice).unwrap_or(&[]);
+        let ws = self.writes.get(&s).map_or(&[][..], Vec::as_slice);
         let durable = ws
             .iter()
             .rposition(|w| durable_point.is_some_and(|p| w.done.is_some_and(|d| d < p)));
@@ -126,20 +125,26 @@ fn identify(s: u64, got: &[u8]) -> Content {
 
 /// One queue's writer: random writes over its half of the hot area, a
 /// flush every 16 writes, until the daemon dies or `stop` is set.
-fn writer(
-    q: &mut blkio::Blkioq,
-    mem: client::Mem,
-    qi: usize,
-    seed: u64,
-    seq: &AtomicU64,
-    next_id: &AtomicU64,
-    model: &Mutex<Model>,
-    stop: &AtomicBool,
-) {
+/// State the writers share.
+struct Shared<'a> {
+    seq: &'a AtomicU64,
+    next_id: &'a AtomicU64,
+    model: &'a Mutex<Model>,
+    stop: &'a AtomicBool,
+}
+
+fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Shared<'_>) {
+    let Shared {
+        seq,
+        next_id,
+        model,
+        stop,
+    } = *sh;
     let mut rng = Rng(seed);
     let mut busy = vec![false; SECTORS as usize];
-    // user_data -> (slot, sectors or flush)
-    let mut inflight: HashMap<usize, (usize, Option<(u64, u64, u64)>)> = HashMap::new();
+    // user_data -> (buffer slot, (sector, count, write id) or a flush)
+    type Write = (u64, u64, u64);
+    let mut inflight: HashMap<usize, (usize, Option<Write>)> = HashMap::new();
     let mut free: Vec<usize> = (0..DEPTH).collect();
     let mut ud = 1usize;
     let mut writes = 0u64;
@@ -172,15 +177,10 @@ fn writer(
                 }
                 let off = base_off + slot * SLOT;
                 mem.write(off, &data);
-                let s = seq.fetch_add(1, Ordering::SeqCst);
                 {
                     let mut m = model.lock().unwrap();
                     for sec in sector..sector + n {
-                        m.writes.entry(sec).or_default().push(W {
-                            id,
-                            submit: s,
-                            done: None,
-                        });
+                        m.writes.entry(sec).or_default().push(W { id, done: None });
                     }
                 }
                 q.write(
@@ -290,9 +290,14 @@ fn flushed_writes_survive_kill_9_under_load() {
         let killed = std::thread::scope(|sc| {
             let mut handles = Vec::new();
             for (qi, q) in queues.iter_mut().enumerate() {
-                let (seq, model, stop, next_id) = (&seq, &model, &stop, &next_id);
+                let sh = Shared {
+                    seq: &seq,
+                    next_id: &next_id,
+                    model: &model,
+                    stop: &stop,
+                };
                 let s = rng.next();
-                handles.push(sc.spawn(move || writer(q, mem, qi, s, seq, next_id, model, stop)));
+                handles.push(sc.spawn(move || writer(q, mem, qi, s, &sh)));
             }
             std::thread::sleep(kill_after);
             d.kill();
