@@ -214,7 +214,7 @@ pub fn run(
 fn log_stats(backend: &BlkBackend) {
     let d = backend.disk().stats();
     log::info!(
-        "stats: requests completed {}, bad requests {}, reads parked (R4) {}, bitmap writes {} \
+        "stats since start: requests completed {}, bad requests {}, reads parked (R4) {}, bitmap writes {} \
          (waited R3: {}), syncs {}, durability epochs {}",
         backend.stats.completed.load(Ordering::Relaxed),
         backend.stats.bad_requests.load(Ordering::Relaxed),

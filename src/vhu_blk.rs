@@ -781,10 +781,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked.store(features, Ordering::Release);
+        let before = self.acked.swap(features, Ordering::AcqRel);
         self.negotiated.store(true, Ordering::Release);
         let wb = self.writeback_for(features);
         self.disk.set_writeback(wb);
+        if before == features {
+            return;
+        }
         log::info!(
             "features negotiated: {features:#x} ({} cache)",
             if wb { "writeback" } else { "writethrough" }

@@ -1,0 +1,966 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Booted-guest tests: a QEMU guest (TCG unless the host has real VMX/SVM,
+//! see `vm-images/run-vm.sh`) whose only disk, `/dev/vda`, is a UML COW file
+//! served by the `vhost-user-ubd` binary over vhost-user-blk.
+//!
+//! Each test drives the shell kit in `vm-images/`: `images.sh` (kernel and
+//! initramfs, cached), `make-base.sh` (the base image), `run-vm.sh` (one boot,
+//! judged by the guest's `VUB:` lines). The scenarios:
+//!
+//! * `rw_then_verify_across_sigterm_restart`: boot `rw`, stop the daemon with
+//!   SIGTERM (exit 0), restart it on the same COW, boot `verify`; then
+//!   `uml_moo` the COW and compare the merged image with the base plus the
+//!   guest's writes, byte for byte and against the md5s the guest printed.
+//! * `ext4_survives_daemon_restart`: `ext4`, restart, `ext4-verify`, and
+//!   `e2fsck -fn` on the merged image when e2fsprogs is installed.
+//! * `multiqueue_guest_sees_two_hw_queues`: `--queues 2` / `num-queues=2`.
+//! * `reconnect_after_sigkill`: `reconnect=1`; the daemon is killed with
+//!   SIGKILL mid-loop and restarted on the same socket and COW; every
+//!   iteration must pass, and every iteration's data must be in the COW.
+//!
+//! Every scenario also checks that the base image's sha256 and mtime are
+//! unchanged; `rw` and `reconnect` also that `vhost-user-ubd check` accepts
+//! the COW afterwards and `info --json` counts exactly the sectors the guest
+//! wrote. Missing QEMU, guest images or UML tools make the tests fail
+//! (not skip), naming `make deps` / `make images`.
+//!
+//! Work files go to a new directory under `vm-images/cache/`; it is removed
+//! on success and kept (and printed) on failure or with `KEEP=1`. The daemon
+//! logs with `RUST_LOG` (default `debug`). Progress and timings are written
+//! straight to stderr, so they show without `--nocapture`.
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    fs::File,
+    io::{Read, Write},
+    os::unix::{
+        fs::{FileTypeExt, MetadataExt},
+        process::{CommandExt, ExitStatusExt},
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-ubd");
+const MIB: u64 = 1 << 20;
+/// Size of every base image (rw needs 6 MiB, reconnect 10 MiB, mq 18 MiB).
+const BASE_SIZE: u64 = 64 * MIB;
+/// Guest CPUs where one queue is enough: two TCG guests with one vCPU each
+/// fit this 2-core machine better (boot time is the same as with 2).
+const SMP_1Q: u32 = 1;
+/// Host timeout of one ordinary boot (`run-vm.sh --timeout`).
+const BOOT_TIMEOUT_S: u32 = 90;
+/// Iterations of the guest's reconnect loop, and the one after which the
+/// daemon is killed.
+const RECONNECT_ITERS: u64 = 20;
+const RECONNECT_KILL_AFTER: u64 = 5;
+
+fn vm_images() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images")
+}
+
+/// Progress line on the real stderr (not captured by the test harness).
+fn note(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// Absolute path of a program found in `PATH`.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Fails (never skips) when a host tool is missing.
+fn require_tools() {
+    for (tool, fix) in [
+        (
+            "qemu-system-x86_64",
+            "`make deps` (apt-get install qemu-system-x86)",
+        ),
+        ("uml_moo", "`make deps` (apt-get install uml-utilities)"),
+        ("busybox", "`make deps` (apt-get install busybox-static)"),
+        ("sha256sum", "coreutils"),
+        ("md5sum", "coreutils"),
+    ] {
+        assert!(
+            which(tool).is_some(),
+            "{tool} is not installed: the boot tests need it; run {fix}, then `make images`"
+        );
+    }
+}
+
+/// Guest kernel and initramfs, built (or found in the cache) once per test
+/// process by `vm-images/images.sh`.
+struct Images {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn images() -> &'static Images {
+    static IMAGES: OnceLock<Result<Images, String>> = OnceLock::new();
+    match IMAGES.get_or_init(build_images) {
+        Ok(i) => i,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build_images() -> Result<Images, String> {
+    let t = Instant::now();
+    let out = Command::new(vm_images().join("images.sh"))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run vm-images/images.sh ({e}): run `make images`"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "vm-images/images.sh failed ({}): the boot tests need the guest kernel and \
+             initramfs; run `make deps images`\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let get = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+            .ok_or_else(|| {
+                format!("vm-images/images.sh gave no usable {key}: run `make images`\n{stdout}")
+            })
+    };
+    let images = Images {
+        kernel: get("KERNEL=")?,
+        initrd: get("INITRD=")?,
+    };
+    note(&format!(
+        "[boot] guest images ready in {}",
+        secs(t.elapsed())
+    ));
+    Ok(images)
+}
+
+/// Runs a command to completion; panics with its output unless it succeeds.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// First field of `sha256sum FILE` / `md5sum FILE`.
+fn hash_file(tool: &str, path: &Path) -> String {
+    let out = run(Command::new(tool).arg(path));
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// md5 of a buffer, by the same `md5sum` the guest's busybox mirrors.
+fn md5_of(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn md5sum");
+    let mut stdin = child.stdin.take().unwrap();
+    thread::scope(|s| {
+        s.spawn(move || stdin.write_all(data).expect("write to md5sum"));
+    });
+    let out = child.wait_with_output().expect("md5sum");
+    assert!(out.status.success(), "md5sum failed");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `yes WORD | head -c LEN`: the guest kit's patterns.
+fn pattern(word: &str, len: u64) -> Vec<u8> {
+    let line = format!("{word}\n");
+    line.bytes().cycle().take(len as usize).collect()
+}
+
+/// A seed unique to this run, so a stale image cannot pass a second boot.
+fn fresh_seed() -> String {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    format!("{}{:03}", t.as_secs() % 1_000_000, t.subsec_millis())
+}
+
+/// Sends `signal` to `pid`, one of our children that has not been reaped.
+fn send_signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is a child
+    // of this process that has not been reaped yet, so it cannot be reused.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Makes `cmd`'s process get `signal` if the thread that spawned it dies,
+/// so a panicking or interrupted test leaves nothing behind.
+fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2),
+    // which is async-signal-safe, and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let sig = libc::c_ulong::try_from(signal).unwrap_or(9);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Waits for `child` for at most `limit`; `None` if it is still running.
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return Some(st);
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a unix socket bound to `path` is in the listening state
+/// (`/proc/net/unix`: flag `__SO_ACCEPTCON` = 0x10000). Does not connect,
+/// so the daemon sees no spurious frontend.
+fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.as_os_str();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && OsStr::new(f[7]) == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|fl| fl & 0x1_0000 != 0)
+    })
+}
+
+/// Last `n` lines of a file (for failure messages).
+fn tail(path: &Path, n: usize) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let lines: Vec<&str> = s.lines().collect();
+    let from = lines.len().saturating_sub(n);
+    format!(
+        "--- {} (last {} lines) ---\n{}\n",
+        path.display(),
+        lines.len() - from,
+        lines[from..].join("\n")
+    )
+}
+
+/// One running `vhost-user-ubd serve`.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    reaped: bool,
+}
+
+impl Daemon {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM; the daemon must drain, persist and exit 0 within 20 s.
+    fn stop(mut self) -> Duration {
+        let t = Instant::now();
+        send_signal(self.pid(), libc::SIGTERM).expect("SIGTERM the daemon");
+        let st = wait_timeout(&mut self.child, Duration::from_secs(20));
+        self.reaped = st.is_some();
+        let log = tail(&self.log, 30);
+        match st {
+            Some(st) => assert!(
+                st.success(),
+                "daemon (pid {}) exited with {st} after SIGTERM\n{log}",
+                self.pid()
+            ),
+            None => panic!(
+                "daemon (pid {}) still running 20 s after SIGTERM\n{log}",
+                self.pid()
+            ),
+        }
+        t.elapsed()
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill9(mut self) {
+        send_signal(self.pid(), libc::SIGKILL).expect("SIGKILL the daemon");
+        let st = self.child.wait().expect("wait for the daemon");
+        self.reaped = true;
+        assert_eq!(st.signal(), Some(libc::SIGKILL), "daemon: {st}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Result of one `run-vm.sh` boot.
+struct Boot {
+    status: ExitStatus,
+    /// run-vm.sh's stdout and stderr (the `VUB:` lines and its summary).
+    out: String,
+    /// The whole guest console.
+    serial: String,
+    wall: Duration,
+}
+
+impl Boot {
+    fn vub_lines(&self) -> impl Iterator<Item = &str> {
+        self.serial
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| l.starts_with("VUB:"))
+    }
+
+    fn has(&self, prefix: &str) -> bool {
+        self.vub_lines().any(|l| l.starts_with(prefix))
+    }
+
+    /// `key=value` fields of the first `VUB:` line starting with `prefix`.
+    fn fields(&self, prefix: &str) -> HashMap<String, String> {
+        let line = self
+            .vub_lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in the guest console:\n{}", self.out));
+        line.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+/// One test's world: a work dir with a base image, a COW over it and the
+/// daemon's socket.
+struct Scenario {
+    name: &'static str,
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    base: PathBuf,
+    cow: PathBuf,
+    sock: PathBuf,
+    base_sha: String,
+    base_mtime: i64,
+    seed: String,
+    start: Instant,
+    starts: u32,
+    steps: Vec<(String, Duration)>,
+}
+
+impl Scenario {
+    fn new(name: &'static str) -> Self {
+        let start = Instant::now();
+        require_tools();
+        let images = images();
+        assert!(images.kernel.is_file() && images.initrd.is_file());
+        let cache = vm_images().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let mut dir = tempfile::Builder::new()
+            .prefix(&format!("boot-{name}."))
+            .tempdir_in(&cache)
+            .unwrap();
+        // unix socket paths are limited to 107 bytes
+        if dir.path().join("vub.sock").as_os_str().len() > 100 {
+            dir = tempfile::Builder::new()
+                .prefix(&format!("vub-boot-{name}."))
+                .tempdir()
+                .unwrap();
+        }
+        let path = dir.path().to_path_buf();
+        let base = path.join("base.raw");
+        let cow = path.join("disk.cow");
+        let sock = path.join("vub.sock");
+        run(Command::new(vm_images().join("make-base.sh"))
+            .arg(&base)
+            .arg(BASE_SIZE.to_string()));
+        let base_sha = hash_file("sha256sum", &base);
+        let base_mtime = std::fs::metadata(&base).unwrap().mtime();
+        run(Command::new(BIN).arg("create").arg(&cow).arg(&base));
+        let sc = Scenario {
+            name,
+            dir: Some(dir),
+            path,
+            base,
+            cow,
+            sock,
+            base_sha,
+            base_mtime,
+            seed: fresh_seed(),
+            start,
+            starts: 0,
+            steps: Vec::new(),
+        };
+        sc.note(&format!(
+            "work dir {}, seed {}, setup {}",
+            sc.path.display(),
+            sc.seed,
+            secs(start.elapsed())
+        ));
+        sc
+    }
+
+    fn note(&self, msg: &str) {
+        note(&format!(
+            "[boot:{} +{}] {msg}",
+            self.name,
+            secs(self.start.elapsed())
+        ));
+    }
+
+    fn step(&mut self, what: &str, d: Duration) {
+        self.steps.push((what.to_owned(), d));
+    }
+
+    /// Starts `serve` on the COW and waits until the socket listens. A
+    /// leftover socket file (after SIGKILL) is removed first, so QEMU's
+    /// reconnect attempts fail until the new daemon really listens.
+    fn start_daemon(&mut self, queues: u32) -> Daemon {
+        let t = Instant::now();
+        self.starts += 1;
+        match std::fs::symlink_metadata(&self.sock) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&self.sock).unwrap(),
+            _ => {}
+        }
+        let log_path = self.path.join("daemon.log");
+        let mut log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        writeln!(log, "===== start {} (queues {queues})", self.starts).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&self.sock)
+            .arg("--cow")
+            .arg(&self.cow)
+            .arg("--queues")
+            .arg(queues.to_string())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let mut child = cmd.spawn().expect("spawn vhost-user-ubd serve");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !listening(&self.sock) {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "daemon exited with {st} before listening\n{}",
+                    tail(&log_path, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "daemon did not listen on {} within 15 s\n{}",
+                    self.sock.display(),
+                    tail(&log_path, 30)
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let d = Daemon {
+            child,
+            log: log_path,
+            reaped: false,
+        };
+        self.note(&format!(
+            "daemon #{} pid {} listening after {}",
+            self.starts,
+            d.pid(),
+            secs(t.elapsed())
+        ));
+        d
+    }
+
+    /// The `run-vm.sh` command for one boot of guest test `test`.
+    fn vm_cmd(&self, test: &str, queues: u32, extra: &[&str], append: &str) -> Command {
+        // the mq test needs a CPU per queue; the others are fine with one
+        let smp = if queues > 1 { queues } else { SMP_1Q };
+        let img = images();
+        let mut cmd = Command::new(vm_images().join("run-vm.sh"));
+        cmd.arg("--socket")
+            .arg(&self.sock)
+            .arg("--test")
+            .arg(test)
+            .arg("--queues")
+            .arg(queues.to_string())
+            .arg("--smp")
+            .arg(smp.to_string())
+            .arg("--serial-log")
+            .arg(self.serial_log(test))
+            .arg("--kernel")
+            .arg(&img.kernel)
+            .arg("--initrd")
+            .arg(&img.initrd)
+            .arg("--append")
+            .arg(format!("vub.seed={} {append}", self.seed))
+            .args(extra)
+            .stdin(Stdio::null());
+        // run-vm.sh stops QEMU when it gets SIGTERM
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        cmd
+    }
+
+    fn serial_log(&self, test: &str) -> PathBuf {
+        self.path.join(format!("{test}.serial"))
+    }
+
+    /// One boot; panics with the console and daemon log unless it passes.
+    fn boot(&mut self, daemon: &Daemon, test: &str, queues: u32) -> Boot {
+        let t = Instant::now();
+        let out = self
+            .vm_cmd(
+                test,
+                queues,
+                &["--timeout", &BOOT_TIMEOUT_S.to_string()],
+                "",
+            )
+            .output()
+            .expect("run vm-images/run-vm.sh");
+        let boot = Boot {
+            status: out.status,
+            out: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            serial: std::fs::read_to_string(self.serial_log(test)).unwrap_or_default(),
+            wall: t.elapsed(),
+        };
+        self.check_boot(&boot, test, Some(daemon));
+        boot
+    }
+
+    fn check_boot(&mut self, boot: &Boot, test: &str, daemon: Option<&Daemon>) {
+        let daemon_log = daemon.map(|d| tail(&d.log, 40)).unwrap_or_default();
+        assert!(
+            boot.status.success(),
+            "boot `{test}` failed ({}):\n{}\n{}{daemon_log}",
+            boot.status,
+            boot.out,
+            tail(&self.serial_log(test), 60)
+        );
+        let end = format!("VUB: test-end name={test} rc=0");
+        assert!(boot.has(&end), "no `{end}` line:\n{}", boot.out);
+        let summary = boot
+            .out
+            .lines()
+            .rfind(|l| l.starts_with("run-vm:"))
+            .unwrap_or("");
+        self.note(&format!(
+            "boot `{test}` passed in {} ({summary})",
+            secs(boot.wall)
+        ));
+        self.step(&format!("boot {test}"), boot.wall);
+    }
+
+    /// `uml_moo` the COW into a new image (`merged.raw`); returns its path.
+    fn merge(&mut self) -> PathBuf {
+        let t = Instant::now();
+        let out = self.path.join("merged.raw");
+        let _ = std::fs::remove_file(&out);
+        run(Command::new("uml_moo").arg(&self.cow).arg(&out));
+        let len = std::fs::metadata(&out).unwrap().len();
+        assert_eq!(len, BASE_SIZE, "size of the uml_moo-merged image");
+        self.step("uml_moo", t.elapsed());
+        out
+    }
+
+    /// The merged image's bytes.
+    fn merged(&mut self) -> Vec<u8> {
+        let path = self.merge();
+        std::fs::read(path).unwrap()
+    }
+
+    /// After the daemon stopped: `vhost-user-ubd check` accepts the COW
+    /// (header, backing, no lock left) and `info --json` counts exactly
+    /// `sectors` sectors in the COW (the guest's writes are 4 KiB aligned,
+    /// so nothing else should be allocated).
+    fn check_cow(&self, sectors: u64) {
+        let out = run(Command::new(BIN).arg("check").arg(&self.cow));
+        self.note(&format!("vhost-user-ubd check: {}", out.trim()));
+        let info = run(Command::new(BIN).arg("info").arg("--json").arg(&self.cow));
+        let v: serde_json::Value = serde_json::from_str(&info).expect("info --json");
+        assert_eq!(
+            v["sectors_in_cow"].as_u64(),
+            Some(sectors),
+            "sectors in the COW after the guest's writes:\n{info}"
+        );
+        assert_eq!(v["backing"]["status"], "ok", "{info}");
+    }
+
+    /// The base image must be exactly what make-base.sh wrote.
+    fn check_base_unchanged(&self) {
+        let sha = hash_file("sha256sum", &self.base);
+        assert_eq!(
+            sha, self.base_sha,
+            "the base image changed (sha256 {} -> {sha})",
+            self.base_sha
+        );
+        let mtime = std::fs::metadata(&self.base).unwrap().mtime();
+        assert_eq!(mtime, self.base_mtime, "the base image's mtime changed");
+        self.note(&format!("base image sha256 unchanged: {sha}"));
+    }
+
+    /// Compares `merged` with the base plus `writes` (offset, bytes): the
+    /// whole image, so a write landing at a wrong offset is caught too.
+    fn check_merged(&self, merged: &[u8], writes: &[(u64, Vec<u8>)]) {
+        let mut want = std::fs::read(&self.base).unwrap();
+        for (off, data) in writes {
+            let off = *off as usize;
+            want[off..off + data.len()].copy_from_slice(data);
+        }
+        if merged != want.as_slice() {
+            let bad: Vec<usize> = (0..want.len() / 512)
+                .filter(|s| merged[s * 512..(s + 1) * 512] != want[s * 512..(s + 1) * 512])
+                .collect();
+            panic!(
+                "merged image differs from base + guest writes in {} sectors; first sectors {:?} \
+                 (byte offsets {:?})",
+                bad.len(),
+                &bad[..bad.len().min(8)],
+                bad.iter().take(8).map(|s| s * 512).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    fn finish(mut self) {
+        let total = self.start.elapsed();
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(w, d)| format!("{w} {}", secs(*d)))
+            .collect();
+        self.note(&format!("PASS in {} ({})", secs(total), steps.join(", ")));
+        if std::env::var_os("KEEP").is_some_and(|v| v == "1") {
+            if let Some(d) = self.dir.take() {
+                note(&format!("[boot:{}] kept {}", self.name, d.keep().display()));
+            }
+        }
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                note(&format!(
+                    "[boot:{}] FAILED; work dir kept: {}",
+                    self.name,
+                    d.keep().display()
+                ));
+            }
+        } else if let Some(d) = self.dir.take() {
+            // images are large: remove them, keep nothing else either
+            let _ = d.close();
+        }
+    }
+}
+
+#[test]
+fn rw_then_verify_across_sigterm_restart() {
+    let mut sc = Scenario::new("rw");
+    let daemon = sc.start_daemon(1);
+    let rw = sc.boot(&daemon, "rw", 1);
+    assert!(rw.has("VUB: rw-ok"), "{}", rw.out);
+    let f = rw.fields("VUB: rw-md5 ");
+    let num = |k: &str| -> u64 {
+        f.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("rw-md5 line without a numeric {k}: {f:?}"))
+    };
+    assert_eq!(num("size_bytes"), BASE_SIZE, "guest disk size");
+    let d = daemon.stop();
+    sc.note(&format!("daemon stopped with SIGTERM in {}", secs(d)));
+    sc.step("SIGTERM", d);
+
+    let daemon = sc.start_daemon(1);
+    let verify = sc.boot(&daemon, "verify", 1);
+    assert!(verify.has("VUB: verify-ok"), "{}", verify.out);
+    sc.step("SIGTERM", daemon.stop());
+    sc.check_base_unchanged();
+    sc.check_cow(5 * MIB / 512);
+
+    // The merged image holds the host pattern and exactly the guest's writes,
+    // at the offsets and with the md5s the guest printed.
+    let merged = sc.merged();
+    let ranges = [
+        ("host", 0, MIB, "HOSTPATTERN".to_owned()),
+        (
+            "guest",
+            num("guest_offset"),
+            num("guest_len"),
+            format!("GUESTPATTERN-{}", sc.seed),
+        ),
+        (
+            "tail",
+            num("tail_offset"),
+            num("tail_len"),
+            format!("GUESTTAIL-{}", sc.seed),
+        ),
+    ];
+    assert_eq!(
+        (ranges[1].1, ranges[1].2, ranges[2].2),
+        (MIB, 4 * MIB, MIB),
+        "rw layout"
+    );
+    assert_eq!(ranges[2].1, BASE_SIZE - MIB, "tail offset");
+    let mut writes = Vec::new();
+    for (name, off, len, word) in ranges {
+        let got = &merged[off as usize..(off + len) as usize];
+        let got_md5 = md5_of(got);
+        assert_eq!(
+            Some(&got_md5),
+            f.get(name),
+            "{name} range (offset {off}, {len} bytes) of the merged image: md5 differs from \
+             the guest's"
+        );
+        let want = pattern(&word, len);
+        assert!(got == want.as_slice(), "{name} range is not `yes {word}`");
+        sc.note(&format!(
+            "merged image: {name} range at {off} (+{len}) md5 {got_md5} matches the guest"
+        ));
+        writes.push((off, want));
+    }
+    sc.check_merged(&merged, &writes[1..]);
+    sc.note("merged image == base + guest writes, byte for byte");
+    sc.finish();
+}
+
+#[test]
+fn ext4_survives_daemon_restart() {
+    let mut sc = Scenario::new("ext4");
+    let daemon = sc.start_daemon(1);
+    let b = sc.boot(&daemon, "ext4", 1);
+    assert!(b.has("VUB: ext4-ok"), "{}", b.out);
+    let files = b
+        .vub_lines()
+        .filter(|l| l.starts_with("VUB: ext4-file "))
+        .count();
+    assert!(
+        files >= 6,
+        "expected 6 ext4-file lines, got {files}:\n{}",
+        b.out
+    );
+    sc.step("SIGTERM", daemon.stop());
+
+    let daemon = sc.start_daemon(1);
+    let b = sc.boot(&daemon, "ext4-verify", 1);
+    assert!(b.has("VUB: ext4-verify-ok"), "{}", b.out);
+    sc.step("SIGTERM", daemon.stop());
+    sc.check_base_unchanged();
+
+    if let Some(e2fsck) = which("e2fsck") {
+        let merged = sc.merge();
+        let out = Command::new(e2fsck)
+            .arg("-fn")
+            .arg(&merged)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "e2fsck -fn on the merged image: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sc.note("e2fsck -fn on the uml_moo-merged image: clean");
+    } else {
+        sc.note("e2fsck not installed: host-side fsck skipped");
+    }
+    sc.finish();
+}
+
+#[test]
+fn multiqueue_guest_sees_two_hw_queues() {
+    let mut sc = Scenario::new("mq");
+    let daemon = sc.start_daemon(2);
+    let b = sc.boot(&daemon, "mq", 2);
+    assert!(
+        b.has("VUB: nr_hw_queues=2 "),
+        "guest does not see 2 hardware queues:\n{}",
+        b.out
+    );
+    assert!(
+        b.vub_lines()
+            .any(|l| l.starts_with("VUB: vda-ready ") && l.contains(" nr_hw_queues=2 ")),
+        "{}",
+        b.out
+    );
+    assert!(b.has("VUB: mq-ok"), "{}", b.out);
+    sc.step("SIGTERM", daemon.stop());
+    sc.check_base_unchanged();
+    sc.finish();
+}
+
+#[test]
+fn reconnect_after_sigkill() {
+    let mut sc = Scenario::new("reconnect");
+    let daemon = sc.start_daemon(1);
+    let serial = sc.serial_log("reconnect");
+    let out_path = sc.path.join("reconnect.out");
+    let out_file = File::create(&out_path).unwrap();
+    let t = Instant::now();
+    let child = sc
+        .vm_cmd(
+            "reconnect",
+            1,
+            &["--reconnect", "--timeout", "150"],
+            &format!("vub.iters={RECONNECT_ITERS}"),
+        )
+        .stdout(out_file.try_clone().unwrap())
+        .stderr(out_file)
+        .spawn()
+        .expect("run vm-images/run-vm.sh");
+    // stops the guest (run-vm.sh forwards SIGTERM to QEMU) if anything
+    // below panics
+    struct Vm(Child);
+    impl Drop for Vm {
+        fn drop(&mut self) {
+            if matches!(self.0.try_wait(), Ok(None)) {
+                let _ = send_signal(self.0.id(), libc::SIGTERM);
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut vm = Vm(child);
+
+    let mark = format!("VUB: iter {RECONNECT_KILL_AFTER} ok");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = std::fs::read_to_string(&serial).unwrap_or_default();
+        if s.lines().any(|l| l.starts_with(&mark)) {
+            break;
+        }
+        if let Some(st) = vm.0.try_wait().unwrap() {
+            panic!(
+                "guest ended ({st}) before `{mark}`:\n{}{}{}",
+                tail(&out_path, 60),
+                tail(&serial, 60),
+                tail(&daemon.log, 40)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest never reached `{mark}`\n{}",
+            tail(&serial, 60)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    sc.note(&format!(
+        "guest at `{mark}` after {}: SIGKILL daemon pid {}",
+        secs(t.elapsed()),
+        daemon.pid()
+    ));
+    daemon.kill9();
+    let down = Instant::now();
+    // restart 1.5 s later on the same socket and COW
+    let _ = std::fs::remove_file(&sc.sock);
+    thread::sleep(Duration::from_millis(1500));
+    let daemon = sc.start_daemon(1);
+    sc.note(&format!(
+        "daemon restarted {} after the SIGKILL",
+        secs(down.elapsed())
+    ));
+
+    let st = wait_timeout(&mut vm.0, Duration::from_secs(160))
+        .expect("run-vm.sh outlived its own timeout");
+    drop(vm);
+    let boot = Boot {
+        status: st,
+        out: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        serial: std::fs::read_to_string(&serial).unwrap_or_default(),
+        wall: t.elapsed(),
+    };
+    sc.check_boot(&boot, "reconnect", Some(&daemon));
+    let ok: Vec<u64> = boot
+        .vub_lines()
+        .filter_map(|l| l.strip_prefix("VUB: iter "))
+        .filter(|l| l.split_whitespace().nth(1) == Some("ok"))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        ok,
+        (0..RECONNECT_ITERS).collect::<Vec<_>>(),
+        "not every iteration passed:\n{}",
+        boot.out
+    );
+    let done = format!("VUB: reconnect-done iters={RECONNECT_ITERS} bad=0");
+    assert!(boot.has(&done), "no `{done}`:\n{}", boot.out);
+    let bad: Vec<&str> = boot
+        .vub_lines()
+        .filter(|l| {
+            l.contains("dmesg-error")
+                || l.contains("MISMATCH")
+                || l.contains("failed")
+                || l.contains("error")
+        })
+        .collect();
+    assert!(bad.is_empty(), "errors in the guest: {bad:#?}");
+    let max_dt = boot
+        .vub_lines()
+        .filter_map(|l| l.split("dt=").nth(1)?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    sc.note(&format!(
+        "{RECONNECT_ITERS}/{RECONNECT_ITERS} iterations ok, longest iteration {max_dt:.2}s"
+    ));
+    sc.step("SIGTERM", daemon.stop());
+    sc.check_base_unchanged();
+    sc.check_cow(RECONNECT_ITERS * MIB / 512);
+
+    // Every iteration's write was fsynced, so it is in the COW even though
+    // the first daemon died with SIGKILL: iteration i wrote 1 MiB of
+    // `yes ITERi-SEED` at (8 + i mod span) MiB.
+    let merged = sc.merged();
+    let span = BASE_SIZE / MIB - 9;
+    let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+    for i in 0..RECONNECT_ITERS {
+        let off = (8 + i % span) * MIB;
+        writes.retain(|(o, _)| *o != off);
+        writes.push((off, pattern(&format!("ITER{i}-{}", sc.seed), MIB)));
+    }
+    sc.check_merged(&merged, &writes);
+    sc.note("merged image == base + every iteration's write");
+    sc.finish();
+}
