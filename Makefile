@@ -3,8 +3,8 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PKGS := uml-utilities qemu-system-x86 qemu-utils busybox-static python3
-NEED_BINS := uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon busybox
+APT_PKGS := uml-utilities qemu-system-x86 qemu-utils busybox-static python3 e2fsprogs
+NEED_BINS := uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon busybox mkfs.ext4
 
 .PHONY: all build release deps images lint unit test demo bench crash-sweep fuzz clean
 

@@ -93,6 +93,9 @@ pub struct CowShared {
     pub channel: Channel,
     /// Writes completed since the last `fdatasync` was issued.
     pub writes_since_sync: AtomicU64,
+    /// The backing file no longer matches the header (R6): reads that
+    /// need it fail.
+    pub backing_changed: AtomicBool,
     /// Counters.
     pub stats: Stats,
     zeros: AlignedBuf,
@@ -147,6 +150,7 @@ impl CowDisk {
             opts: opts.clone(),
             channel: Channel::new(event.clone()),
             writes_since_sync: AtomicU64::new(0),
+            backing_changed: AtomicBool::new(false),
             stats: Stats::default(),
             zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
             file,
@@ -337,6 +341,14 @@ impl CowQueue {
                 let runs = route(&file.bitmap, &state.unpersisted, range);
                 let backing: Vec<Range<u64>> =
                     runs.iter().filter(|r| !r.2).map(|r| r.0..r.1).collect();
+                if !backing.is_empty() && shared.backing_changed.load(Ordering::Acquire) {
+                    drop(state);
+                    self.done.push(Completion {
+                        tag,
+                        result: Err(libc::EIO),
+                    });
+                    return Submitted::Queued;
+                }
                 if state.wb.check_read(&backing).is_err() {
                     self.mailbox.park();
                     shared.stats.reads_parked.fetch_add(1, Ordering::Relaxed);

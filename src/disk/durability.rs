@@ -47,6 +47,8 @@ const MAX_BITMAP_WRITE: u64 = 64 * 1024;
 const META_RING: u32 = 1024;
 /// Tag of the `fdatasync` (bitmap writes use their write id, >= 1).
 const SYNC_TAG: u64 = 0;
+/// How often the backing file's size and mtime are checked (R6).
+const BACKING_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// Where the durability thread delivers a queue's completions.
 #[derive(Debug)]
@@ -239,6 +241,7 @@ struct Meta {
     shutdown: Vec<mpsc::Sender<Result<(), i32>>>,
     /// Test hook: bitmap write completions held until their due time.
     delayed: VecDeque<(Instant, IoDone)>,
+    last_backing_check: Instant,
 }
 
 /// Runs the durability thread of a COW disk until shutdown.
@@ -269,6 +272,7 @@ pub fn run(shared: Arc<CowShared>, event: Arc<EventFd>) {
         sticky_error: None,
         shutdown: Vec::new(),
         delayed: VecDeque::new(),
+        last_backing_check: Instant::now(),
     };
     m.main_loop();
 }
@@ -298,9 +302,7 @@ impl Meta {
         let mut io = Vec::new();
         loop {
             let timeout = self.timeout_ms();
-            if self.engine.in_flight() > 0 || timeout != 0 {
-                self.engine.event().wait(timeout);
-            }
+            self.engine.event().wait(timeout);
             if let Err(e) = self.engine.reap(&mut io) {
                 log::error!("{}: durability ring: {e}", self.shared.info.path.display());
             }
@@ -319,6 +321,7 @@ impl Meta {
             for cmd in self.shared.channel.take() {
                 self.on_cmd(cmd);
             }
+            self.watch_backing();
             self.maybe_checkpoint();
             self.maybe_sync();
             self.finish_epochs();
@@ -357,13 +360,42 @@ impl Meta {
         let since = self.shared.state.lock().ok().and_then(|s| s.since);
         let checkpoint = since.map(|t| t + self.shared.opts.max_pending_age);
         let held = self.delayed.front().map(|(due, _)| *due);
-        match (checkpoint, held) {
-            (None, None) => -1,
-            (a, b) => {
-                let due = a.into_iter().chain(b).min().unwrap_or_else(Instant::now);
-                let left = due.saturating_duration_since(Instant::now());
-                i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1)
-            }
+        let watch = self.last_backing_check + BACKING_CHECK_PERIOD;
+        let due = [checkpoint, held, Some(watch)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(watch);
+        let left = due.saturating_duration_since(Instant::now());
+        i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1)
+    }
+
+    /// R6: the backing file must not change under a COW. Checked once a
+    /// second; a change makes every read that needs the backing fail (EIO)
+    /// instead of returning data from a different base.
+    fn watch_backing(&mut self) {
+        if self.last_backing_check.elapsed() < BACKING_CHECK_PERIOD {
+            return;
+        }
+        self.last_backing_check = Instant::now();
+        if self.shared.backing_changed.load(Ordering::Acquire) {
+            return;
+        }
+        let f = &self.shared.file;
+        let problem = match f.backing_fd.metadata() {
+            Err(e) => Some(format!("cannot stat it: {e}")),
+            Ok(m) => crate::cow::file::check_backing(&f.path, &f.backing_path, &f.header, &m)
+                .err()
+                .map(|e| e.to_string()),
+        };
+        if let Some(p) = problem {
+            self.shared.backing_changed.store(true, Ordering::Release);
+            log::error!(
+                "{}: the backing file changed while serving ({p}). Reads of sectors not in the COW \
+                 now fail with an I/O error; writes and data already in the COW are kept. Restore \
+                 the base image and restart the daemon",
+                self.shared.info.path.display()
+            );
         }
     }
 
