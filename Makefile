@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 APT_PKGS := uml-utilities qemu-system-x86 qemu-utils busybox-static python3 e2fsprogs
-NEED_BINS := uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon busybox mkfs.ext4
+NEED_BINS := uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon qemu-img busybox mkfs.ext4
 
 .PHONY: all build release deps images lint unit test demo bench crash-sweep fuzz clean
 
@@ -31,7 +31,7 @@ images: deps
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit:
 	$(CARGO) test --lib
@@ -45,6 +45,13 @@ test: deps images lint
 # writes and verifies, a second boot, `info`, base hash unchanged.
 demo: deps images release
 	VUB_BIN=$(CURDIR)/target/release/vhost-user-ubd scripts/demo.sh
+
+# vhost-user-ubd side by side with qemu-storage-daemon (same files, O_DIRECT,
+# systems alternated, medians); writes BENCHMARKS.md. BENCH_SECONDS,
+# BENCH_REPS, BENCH_ONLY tune it (bench/run.py).
+bench: deps
+	$(CARGO) build --release --workspace
+	python3 bench/run.py
 
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:

@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+"""`make bench`: vhost-user-ubd side by side with qemu-storage-daemon.
+
+One run, same files, same cache mode (O_DIRECT everywhere), the systems
+alternated A B C ... A B C so machine drift cancels, BENCH_REPS repetitions
+(default 3), medians reported. Writes BENCHMARKS.md.
+
+Systems:
+  ours-cow   vhost-user-ubd, UML COW over the raw base
+  ours-raw   vhost-user-ubd, raw file
+  qsd-qcow2  qemu-storage-daemon, qcow2 overlay over the same base, the
+             backing declared as its own blockdev with cache.direct=on
+  qsd-raw    qemu-storage-daemon, raw file
+  limit      the same I/O by io_uring straight at the raw file, no virtio
+
+Environment: BENCH_SECONDS (5), BENCH_REPS (3), BENCH_DIR (bench/work),
+BENCH_ONLY (comma-separated workload names), BENCH_OUT (BENCHMARKS.md).
+"""
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UBD = os.path.join(ROOT, "target/release/vhost-user-ubd")
+BENCH = os.path.join(ROOT, "target/release/ubd-bench")
+SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+REPS = int(os.environ.get("BENCH_REPS", "3"))
+WORK = os.environ.get("BENCH_DIR", os.path.join(ROOT, "bench/work"))
+OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "BENCHMARKS.md"))
+ONLY = [w for w in os.environ.get("BENCH_ONLY", "").split(",") if w]
+
+GIB = 1 << 30
+BASE_SIZE = 16 * GIB  # the device: a 16 GiB base ...
+DATA_SIZE = 1 * GIB  # ... whose first GiB holds data (the rest is a hole)
+BASE_MTIME = 1704067200
+SYSTEMS = ["ours-cow", "ours-raw", "qsd-qcow2", "qsd-raw", "limit"]
+
+# name, mode, bs, queues, depth, files ("data": region with data in the
+# base; "fresh": never-written 16 GiB devices; "rewrite": region already
+# written through the server), region bytes
+WORKLOADS = [
+    ("randread-qd1-1q", "randread", 4096, 1, 1, "data", DATA_SIZE),
+    ("randread-qd32-1q", "randread", 4096, 1, 32, "data", DATA_SIZE),
+    ("randread-qd1-2q", "randread", 4096, 2, 1, "data", DATA_SIZE),
+    ("randread-qd32-2q", "randread", 4096, 2, 32, "data", DATA_SIZE),
+    ("randwrite-first-qd1-1q", "randwrite", 4096, 1, 1, "fresh", BASE_SIZE),
+    ("randwrite-first-qd32-1q", "randwrite", 4096, 1, 32, "fresh", BASE_SIZE),
+    ("randwrite-first-qd1-2q", "randwrite", 4096, 2, 1, "fresh", BASE_SIZE),
+    ("randwrite-first-qd32-2q", "randwrite", 4096, 2, 32, "fresh", BASE_SIZE),
+    ("randwrite-rewrite-qd1-1q", "randwrite", 4096, 1, 1, "rewrite", DATA_SIZE),
+    ("randwrite-rewrite-qd32-2q", "randwrite", 4096, 2, 32, "rewrite", DATA_SIZE),
+    ("seqread-64k-qd8-2q", "read", 65536, 2, 8, "data", DATA_SIZE),
+    ("seqwrite-64k-qd8-2q", "write", 65536, 2, 8, "fresh", BASE_SIZE),
+    ("flushmix-qd32-2q", "flushmix", 4096, 2, 32, "fresh", BASE_SIZE),
+]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def sh(*cmd, **kw):
+    subprocess.run(cmd, check=True, **kw)
+
+
+def make_base():
+    base = os.path.join(WORK, "base.raw")
+    if os.path.exists(base) and os.path.getsize(base) == BASE_SIZE:
+        return base
+    log(f"making {base}: {BASE_SIZE >> 30} GiB, first {DATA_SIZE >> 30} GiB random data")
+    with open(base + ".tmp", "wb") as f:
+        chunk = 16 << 20
+        for _ in range(DATA_SIZE // chunk):
+            f.write(os.urandom(chunk))
+        f.truncate(BASE_SIZE)
+    os.utime(base + ".tmp", (BASE_MTIME, BASE_MTIME))
+    os.rename(base + ".tmp", base)
+    return base
+
+
+def wait_socket(path, proc, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        time.sleep(0.02)
+    raise RuntimeError(f"no socket {path}")
+
+
+class Server:
+    """One server process on a socket; stopped with SIGTERM."""
+
+    def __init__(self, cmd, sock, logf):
+        if os.path.exists(sock):
+            os.unlink(sock)
+        self.log = open(logf, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        self.sock = sock
+        wait_socket(sock, self.proc)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def ours(args, sock, logf):
+    return Server([UBD, "serve", "--socket", sock, "--cache", "none", "--queues", "2"] + args, sock, logf)
+
+
+def qsd(blockdevs, sock, logf):
+    cmd = ["qemu-storage-daemon"]
+    for b in blockdevs:
+        cmd += ["--blockdev", b]
+    cmd += [
+        "--export",
+        f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+        "writable=on,num-queues=2",
+    ]
+    return Server(cmd, sock, logf)
+
+
+def qsd_raw(path, sock, logf):
+    return qsd(
+        [
+            f"driver=file,node-name=file0,filename={path},cache.direct=on,aio=native",
+            "driver=raw,node-name=disk0,file=file0",
+        ],
+        sock,
+        logf,
+    )
+
+
+def qsd_qcow2(base, ovl, sock, logf):
+    return qsd(
+        [
+            f"driver=file,node-name=bfile,filename={base},cache.direct=on,aio=native,read-only=on",
+            "driver=raw,node-name=bimg,file=bfile,read-only=on",
+            f"driver=file,node-name=ofile,filename={ovl},cache.direct=on,aio=native",
+            "driver=qcow2,node-name=disk0,file=ofile,backing=bimg",
+        ],
+        sock,
+        logf,
+    )
+
+
+def fresh_files(base, tag):
+    """New, never-written devices of BASE_SIZE for each system."""
+    d = os.path.join(WORK, "run")
+    os.makedirs(d, exist_ok=True)
+    cow, ovl, raw = (os.path.join(d, f"{tag}.{e}") for e in ("cow", "qcow2", "raw"))
+    for p in (cow, ovl, raw):
+        if os.path.exists(p):
+            os.unlink(p)
+    sh(UBD, "create", cow, base, stderr=subprocess.DEVNULL)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", ovl)
+    with open(raw, "wb") as f:
+        f.truncate(BASE_SIZE)
+    return cow, ovl, raw
+
+
+def data_raw(base):
+    """A raw copy of the base (same data, same holes) for the raw systems."""
+    p = os.path.join(WORK, "data.raw")
+    if not os.path.exists(p):
+        log("copying the base to data.raw")
+        sh("cp", "--sparse=always", base, p + ".tmp")
+        os.rename(p + ".tmp", p)
+    return p
+
+
+def bench(target, wl, label, pid=None, seconds=None, mode=None, bs=None, size=None):
+    name, m, b, queues, depth, _, region = wl
+    cmd = [BENCH] + target + [
+        "--queues", str(queues), "--depth", str(depth), "--mode", mode or m,
+        "--bs", str(bs or b), "--seconds", str(seconds or SECONDS),
+        "--size", str(size or region), "--label", label,
+    ]
+    if pid:
+        cmd += ["--pid", str(pid)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prefill_region(target, pid, region):
+    """Writes the region once (1 MiB sequential, each queue its half) so
+    that rewrites find it allocated."""
+    cmd = [BENCH] + target + [
+        "--queues", "2", "--depth", "8", "--mode", "write", "--bs", str(1 << 20),
+        "--seconds", "600", "--once", "--size", str(region), "--label", "prefill", "--pid", str(pid),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def settle():
+    """Dirty pages of freshly made files must not disturb O_DIRECT runs."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except OSError:
+        pass
+
+
+def run_one(system, wl, base, rep, files):
+    name, mode, bs, queues, depth, kind, region = wl
+    settle()
+    logf = os.path.join(WORK, "servers.log")
+    sock = os.path.join(WORK, f"{system}.sock")
+    cow, ovl, raw = files
+    if system == "limit":
+        path = raw if kind != "data" else data_raw(base)
+        return bench(["--file", path], wl, system)
+    if system == "ours-cow":
+        srv = ours(["--cow", cow], sock, logf)
+    elif system == "ours-raw":
+        srv = ours(["--raw", raw if kind != "data" else data_raw(base)], sock, logf)
+    elif system == "qsd-qcow2":
+        srv = qsd_qcow2(base, ovl, sock, logf)
+    else:
+        srv = qsd_raw(raw if kind != "data" else data_raw(base), sock, logf)
+    try:
+        if kind == "rewrite":
+            prefill_region(["--socket", sock], srv.proc.pid, region)
+            settle()
+        return bench(["--socket", sock], wl, system, pid=srv.proc.pid)
+    finally:
+        srv.stop()
+
+
+def main():
+    for tool in ("qemu-storage-daemon", "qemu-img"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} missing: run `make deps`")
+    for b in (UBD, BENCH):
+        if not os.path.exists(b):
+            sys.exit(f"{b} missing: run `cargo build --release --workspace`")
+    os.makedirs(WORK, exist_ok=True)
+    base = make_base()
+    data_raw(base)
+    results = {}
+    started = datetime.datetime.now(datetime.timezone.utc)
+    wls = [w for w in WORKLOADS if not ONLY or w[0] in ONLY]
+    for wl in wls:
+        name, _, _, _, _, kind, _ = wl
+        for rep in range(REPS):
+            # Fresh devices per repetition (first writes stay first writes).
+            files = fresh_files(base, f"{name}-{rep}")
+            for system in SYSTEMS:
+                r = run_one(system, wl, base, rep, files)
+                results.setdefault((name, system), []).append(r)
+                log(f"{name:28} {system:10} rep {rep}: {r['iops']:9.0f} IOPS  p50 {r['p50_us']:8.1f} us  "
+                    f"p99 {r['p99_us']:9.1f} us  max {r['max_us']:9.1f} us  cpu/io {r.get('cpu_us_per_io') or 0:6.1f} us")
+            for p in files:
+                os.unlink(p)
+    write_report(wls, results, started)
+
+
+def med(rs, key):
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def write_report(wls, results, started):
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    qsd_ver = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC on {platform.node()}: {os.cpu_count()} CPUs ({cpu}), "
+        f"kernel {platform.release()}, {qsd_ver}.",
+        "",
+        f"Command: `make bench` (BENCH_SECONDS={SECONDS:g}, BENCH_REPS={REPS}). Client: `ubd-bench` "
+        "(libblkio virtio-blk-vhost-user, one thread per queue), the same for every server. All "
+        "systems use O_DIRECT on the same files; the systems alternate within each repetition; "
+        "each figure is the median of the repetitions.",
+        "",
+        "Devices: a 16 GiB raw base whose first GiB holds random data. `data` workloads use that "
+        "GiB (COW and qcow2 read it from the base); `fresh` workloads write never-written 16 GiB "
+        "devices (COW bits / qcow2 clusters / file blocks allocated on the fly); `rewrite` "
+        "workloads write a GiB that was written once before.",
+        "",
+        "## IOPS (median) and ratios",
+        "",
+        "| workload | ours-cow | ours-raw | qsd-qcow2 | qsd-raw | limit | cow/qcow2 | cow/qsd-raw | raw/qsd-raw | cow/limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for wl in wls:
+        name = wl[0]
+        v = {s: med(results.get((name, s), []), "iops") for s in SYSTEMS}
+
+        def ratio(a, b):
+            return f"{v[a] / v[b]:.2f}" if v[a] and v[b] else "-"
+
+        lines.append(
+            f"| {name} | " + " | ".join(f"{v[s]:.0f}" if v[s] else "-" for s in SYSTEMS)
+            + f" | {ratio('ours-cow', 'qsd-qcow2')} | {ratio('ours-cow', 'qsd-raw')} | "
+            f"{ratio('ours-raw', 'qsd-raw')} | {ratio('ours-cow', 'limit')} |"
+        )
+    lines += [
+        "",
+        "## Latency (median of p50 / p99 / max, microseconds)",
+        "",
+        "| workload | " + " | ".join(SYSTEMS) + " |",
+        "|---|" + "---:|" * len(SYSTEMS),
+    ]
+    for wl in wls:
+        name = wl[0]
+        cells = []
+        for s in SYSTEMS:
+            rs = results.get((name, s), [])
+            if rs:
+                cells.append(f"{med(rs, 'p50_us'):.0f} / {med(rs, 'p99_us'):.0f} / {max(r['max_us'] for r in rs):.0f}")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Server CPU per I/O (microseconds, median)",
+        "",
+        "| workload | ours-cow | ours-raw | qsd-qcow2 | qsd-raw |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for wl in wls:
+        name = wl[0]
+        cells = []
+        for s in SYSTEMS[:4]:
+            c = med(results.get((name, s), []), "cpu_us_per_io")
+            cells.append(f"{c:.1f}" if c is not None else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Raw results: `bench/work/results.json` of the run.", ""]
+    with open(OUT, "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(WORK, "results.json"), "w") as f:
+        json.dump({f"{k[0]}|{k[1]}": v for k, v in results.items()}, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
