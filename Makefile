@@ -52,6 +52,7 @@ demo: deps images release
 bench: deps
 	$(CARGO) build --release --workspace
 	python3 bench/run.py
+	python3 bench/scale.py
 
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:

@@ -68,6 +68,9 @@ struct Args {
     /// Seed of the offset generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Flushmix: a flush after this many writes.
+    #[arg(long, default_value_t = 16)]
+    flush_every: u64,
     /// Sequential modes: stop once each queue covered its slice of the
     /// region (a prefill pass).
     #[arg(long)]
@@ -95,6 +98,10 @@ struct Report {
     max_us: f64,
     server_cpu_s: Option<f64>,
     cpu_us_per_io: Option<f64>,
+    flushes: u64,
+    flush_p50_us: f64,
+    flush_p99_us: f64,
+    flush_max_us: f64,
 }
 
 struct Rng(u64);
@@ -154,9 +161,10 @@ impl Offsets {
     }
 }
 
-/// Per-thread result: latencies in nanoseconds, errors.
+/// Per-thread result: latencies in nanoseconds (flushes apart), errors.
 struct ThreadResult {
     lat: Vec<u32>,
+    flush_lat: Vec<u32>,
     errors: u64,
 }
 
@@ -187,28 +195,31 @@ fn run_blkio_queue(
     let mut done: Vec<MaybeUninit<Completion>> =
         (0..args.depth).map(|_| MaybeUninit::uninit()).collect();
     let mut in_flight = 0usize;
-    let submit = |q: &mut Blkioq, slot: usize, writes: &mut u64, offs: &mut Offsets| {
+    let mut flush_lat = Vec::new();
+    let mut is_flush = vec![false; args.depth];
+    let submit = |q: &mut Blkioq, slot: usize, writes: &mut u64, offs: &mut Offsets| -> bool {
         let ptr = (buf + slot * args.bs) as *mut u8;
         match args.mode {
             Mode::Randread | Mode::Read => {
-                q.read(offs.next(), ptr, args.bs, slot, ReqFlags::empty())
+                q.read(offs.next(), ptr, args.bs, slot, ReqFlags::empty());
             }
             Mode::Randwrite | Mode::Write => {
-                q.write(offs.next(), ptr, args.bs, slot, ReqFlags::empty())
+                q.write(offs.next(), ptr, args.bs, slot, ReqFlags::empty());
             }
             Mode::Flushmix => {
                 *writes += 1;
-                if (*writes).is_multiple_of(17) {
+                if (*writes).is_multiple_of(args.flush_every + 1) {
                     q.flush(slot, ReqFlags::empty());
-                } else {
-                    q.write(offs.next(), ptr, args.bs, slot, ReqFlags::empty());
+                    return true;
                 }
+                q.write(offs.next(), ptr, args.bs, slot, ReqFlags::empty());
             }
         }
+        false
     };
     for (slot, t) in started.iter_mut().enumerate() {
         *t = Instant::now();
-        submit(q, slot, &mut writes, &mut offs);
+        is_flush[slot] = submit(q, slot, &mut writes, &mut offs);
         in_flight += 1;
     }
     while in_flight > 0 {
@@ -229,17 +240,25 @@ fn run_blkio_queue(
             if c.ret != 0 {
                 errors += 1;
             }
-            let ns = started[slot].elapsed().as_nanos();
-            lat.push(u32::try_from(ns).unwrap_or(u32::MAX));
+            let ns = u32::try_from(started[slot].elapsed().as_nanos()).unwrap_or(u32::MAX);
+            if is_flush[slot] {
+                flush_lat.push(ns);
+            } else {
+                lat.push(ns);
+            }
             in_flight -= 1;
             if !stopping {
                 started[slot] = Instant::now();
-                submit(q, slot, &mut writes, &mut offs);
+                is_flush[slot] = submit(q, slot, &mut writes, &mut offs);
                 in_flight += 1;
             }
         }
     }
-    ThreadResult { lat, errors }
+    ThreadResult {
+        lat,
+        flush_lat,
+        errors,
+    }
 }
 
 fn run_socket(
@@ -315,7 +334,7 @@ fn run_uring_queue(
                 .build(),
             Mode::Flushmix => {
                 *writes += 1;
-                if (*writes).is_multiple_of(17) {
+                if (*writes).is_multiple_of(args.flush_every + 1) {
                     opcode::Fsync::new(types::Fd(fd))
                         .flags(types::FsyncFlags::DATASYNC)
                         .build()
@@ -365,7 +384,11 @@ fn run_uring_queue(
             }
         }
     }
-    ThreadResult { lat, errors }
+    ThreadResult {
+        lat,
+        flush_lat: Vec::new(),
+        errors,
+    }
 }
 
 fn run_file(
@@ -442,9 +465,14 @@ fn main() -> std::process::ExitCode {
         }
     };
     let mut lat: Vec<u32> = results.iter().flat_map(|r| r.lat.iter().copied()).collect();
+    let mut flush_lat: Vec<u32> = results
+        .iter()
+        .flat_map(|r| r.flush_lat.iter().copied())
+        .collect();
+    flush_lat.sort_unstable();
     let errors: u64 = results.iter().map(|r| r.errors).sum();
     lat.sort_unstable();
-    let ios = lat.len() as u64;
+    let ios = (lat.len() + flush_lat.len()) as u64;
     let secs = args.seconds.min(elapsed);
     let cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) => Some(b - a),
@@ -467,6 +495,10 @@ fn main() -> std::process::ExitCode {
         max_us: lat.last().map_or(0.0, |&v| f64::from(v) / 1000.0),
         server_cpu_s: cpu,
         cpu_us_per_io: cpu.map(|c| c * 1e6 / ios.max(1) as f64),
+        flushes: flush_lat.len() as u64,
+        flush_p50_us: pct(&flush_lat, 0.50),
+        flush_p99_us: pct(&flush_lat, 0.99),
+        flush_max_us: flush_lat.last().map_or(0.0, |&v| f64::from(v) / 1000.0),
     };
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     if errors > 0 {
