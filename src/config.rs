@@ -55,6 +55,8 @@ pub struct ServeConfig {
     pub checkpoint_age: Duration,
     /// Test hook (hidden option).
     pub bitmap_write_delay: Duration,
+    /// Allow Linux AIO for allocating O_DIRECT writes.
+    pub linux_aio: bool,
 }
 
 /// A rejected argument.
@@ -123,6 +125,8 @@ pub struct ServeArgsRaw {
     pub checkpoint_ms: u64,
     /// --test-bitmap-delay-ms
     pub bitmap_delay_ms: u64,
+    /// --no-linux-aio
+    pub no_linux_aio: bool,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -187,6 +191,7 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             checkpoint_extents: a.checkpoint_extents,
             checkpoint_age: Duration::from_millis(a.checkpoint_ms),
             bitmap_write_delay: Duration::from_millis(a.bitmap_delay_ms),
+            linux_aio: !a.no_linux_aio,
         })
     }
 }
@@ -206,6 +211,7 @@ impl ServeConfig {
             max_pending_age: self.checkpoint_age,
             ring_entries: u32::from(self.queue_size).max(64),
             bitmap_write_delay: self.bitmap_write_delay,
+            linux_aio: self.linux_aio,
             observer: None,
         }
     }

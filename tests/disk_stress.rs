@@ -1306,6 +1306,7 @@ fn cow_toggle_cache_mode_stress() {
 /// `O_DIRECT` data: misaligned iovec pieces go through bounce buffers.
 #[test]
 fn cow_direct_stress() {
+    let aio_before = vhost_user_ubd::engine::aio::submitted();
     run_case(&Case {
         name: "cow-direct",
         cow: true,
@@ -1318,6 +1319,11 @@ fn cow_direct_stress() {
         ops_per_thread: OPS,
         toggle_cache_mode: false,
     });
+    // First writes under load went through Linux AIO (engine::aio).
+    assert!(
+        vhost_user_ubd::engine::aio::submitted() > aio_before,
+        "no write took the Linux AIO path"
+    );
 }
 
 #[test]

@@ -44,6 +44,9 @@ use crate::{
 };
 
 const ZERO_CHUNK: usize = 64 * 1024;
+/// First writes go through Linux AIO once this many requests are in flight
+/// on the queue.
+const AIO_MIN_IN_FLIGHT: usize = 4;
 
 /// State shared by the queues and the durability thread, under one lock
 /// held only for short, I/O-free sections.
@@ -399,6 +402,16 @@ impl CowQueue {
         } else {
             range
         };
+        // A first write lands in a hole of the COW file and must allocate.
+        // io_uring hands such a write to an io-wq thread; under load
+        // (several writes in flight on this queue) Linux AIO, which
+        // allocates inside io_submit, costs a third less CPU and gives a
+        // third more IOPS. At queue depth 1 the handoff costs nothing and
+        // io_uring has the lower latency. See `engine::aio`.
+        let first = !bits.is_empty()
+            && file.direct
+            && self.slots.len() >= AIO_MIN_IN_FLIGHT
+            && shared.opts.linux_aio;
         let key = self.new_slot(tag, Stage::Data { bits });
         let op = IoOp::rw(
             IoKind::Write { dsync: false },
@@ -407,7 +420,8 @@ impl CowQueue {
             iov.0,
             file.direct,
             key as u64,
-        );
+        )
+        .map(|op| if first { op.via_aio() } else { op });
         self.push(key, op);
         self.settle(key);
     }

@@ -301,6 +301,9 @@ pub struct DiskOptions {
     /// the R3/R4 windows (overlapping bitmap writes wait, reads park) can
     /// be observed. Zero in production.
     pub bitmap_write_delay: Duration,
+    /// Under load, send `O_DIRECT` writes into holes through Linux AIO
+    /// instead of io_uring (see `engine::aio`).
+    pub linux_aio: bool,
     /// Recording layer: sees every write and sync of the disk's files
     /// (crash-state exploration). `None` in production.
     pub observer: Option<Observer>,
@@ -327,6 +330,7 @@ impl Default for DiskOptions {
             max_pending_age: Duration::from_secs(1),
             ring_entries: 256,
             bitmap_write_delay: Duration::ZERO,
+            linux_aio: true,
             observer: None,
         }
     }

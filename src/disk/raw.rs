@@ -33,6 +33,9 @@ use crate::{
 
 /// Bytes of zeros shared by the write-zeroes fallback.
 const ZERO_CHUNK: usize = 64 * 1024;
+/// O_DIRECT writes go through Linux AIO once this many requests are in
+/// flight on the queue.
+const AIO_MIN_IN_FLIGHT: usize = 4;
 /// Largest single fallback write.
 const ZERO_OP_MAX: u64 = 512 * ZERO_CHUNK as u64;
 
@@ -51,6 +54,8 @@ struct Shared {
     ring_entries: u32,
     zeros: crate::engine::AlignedBuf,
     observer: Option<super::Observer>,
+    /// The image had holes when opened (and Linux AIO is allowed).
+    sparse: bool,
 }
 
 impl RawDisk {
@@ -107,6 +112,8 @@ impl RawDisk {
             ring_entries: opts.ring_entries,
             zeros,
             observer: opts.observer.clone(),
+            sparse: opts.linux_aio
+                && std::os::unix::fs::MetadataExt::blocks(&meta).saturating_mul(512) < len,
         });
         Ok(Self { shared })
     }
@@ -301,7 +308,13 @@ impl DiskQueue for RawQueue {
             }
             Op::Write { sector, iov } => {
                 let kind = IoKind::Write { dsync: !writeback };
-                let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov.0, direct, key as u64);
+                // Under load, O_DIRECT writes to a sparse image go through
+                // Linux AIO: writes into holes allocate inside io_submit
+                // instead of being handed to io-wq threads (see
+                // `engine::aio`). A fully allocated image stays on io_uring.
+                let aio = direct && self.shared.sparse && self.slots.len() >= AIO_MIN_IN_FLIGHT;
+                let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov.0, direct, key as u64)
+                    .map(|op| if aio { op.via_aio() } else { op });
                 self.push(key, op);
             }
             Op::Flush => self.push(key, Ok(IoOp::fsync(self.fd, key as u64))),
