@@ -1319,11 +1319,15 @@ fn cow_direct_stress() {
         ops_per_thread: OPS,
         toggle_cache_mode: false,
     });
-    // First writes under load went through Linux AIO (engine::aio).
-    assert!(
-        vhost_user_ubd::engine::aio::submitted() > aio_before,
-        "no write took the Linux AIO path"
-    );
+    // With at least as many queues (4 threads) as CPUs, first writes under
+    // load go through Linux AIO (engine::aio, CowQueue::write).
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if cpus <= 4 {
+        assert!(
+            vhost_user_ubd::engine::aio::submitted() > aio_before,
+            "no write took the Linux AIO path"
+        );
+    }
 }
 
 #[test]

@@ -161,7 +161,7 @@ impl Offsets {
     }
 }
 
-/// Per-thread result: latencies in nanoseconds (flushes apart), errors.
+/// Per-thread result: latencies in microseconds (flushes apart), errors.
 struct ThreadResult {
     lat: Vec<u32>,
     flush_lat: Vec<u32>,
@@ -240,7 +240,7 @@ fn run_blkio_queue(
             if c.ret != 0 {
                 errors += 1;
             }
-            let ns = u32::try_from(started[slot].elapsed().as_nanos()).unwrap_or(u32::MAX);
+            let ns = u32::try_from(started[slot].elapsed().as_micros()).unwrap_or(u32::MAX);
             if is_flush[slot] {
                 flush_lat.push(ns);
             } else {
@@ -375,7 +375,7 @@ fn run_uring_queue(
             if res < 0 {
                 errors += 1;
             }
-            lat.push(u32::try_from(started[slot].elapsed().as_nanos()).unwrap_or(u32::MAX));
+            lat.push(u32::try_from(started[slot].elapsed().as_micros()).unwrap_or(u32::MAX));
             in_flight -= 1;
             if !stopping {
                 started[slot] = Instant::now();
@@ -442,7 +442,7 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
         return 0.0;
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
+    f64::from(sorted[i.min(sorted.len() - 1)])
 }
 
 fn main() -> std::process::ExitCode {
@@ -492,13 +492,13 @@ fn main() -> std::process::ExitCode {
         p50_us: pct(&lat, 0.50),
         p99_us: pct(&lat, 0.99),
         p999_us: pct(&lat, 0.999),
-        max_us: lat.last().map_or(0.0, |&v| f64::from(v) / 1000.0),
+        max_us: lat.last().map_or(0.0, |&v| f64::from(v)),
         server_cpu_s: cpu,
         cpu_us_per_io: cpu.map(|c| c * 1e6 / ios.max(1) as f64),
         flushes: flush_lat.len() as u64,
         flush_p50_us: pct(&flush_lat, 0.50),
         flush_p99_us: pct(&flush_lat, 0.99),
-        flush_max_us: flush_lat.last().map_or(0.0, |&v| f64::from(v) / 1000.0),
+        flush_max_us: flush_lat.last().map_or(0.0, |&v| f64::from(v)),
     };
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     if errors > 0 {

@@ -101,6 +101,10 @@ pub struct CowShared {
     pub backing_changed: AtomicBool,
     /// Counters.
     pub stats: Stats,
+    /// Queues created (one per worker thread).
+    pub queues: std::sync::atomic::AtomicUsize,
+    /// CPUs available to the daemon.
+    pub cpus: usize,
     zeros: AlignedBuf,
 }
 
@@ -155,6 +159,8 @@ impl CowDisk {
             writes_since_sync: AtomicU64::new(0),
             backing_changed: AtomicBool::new(false),
             stats: Stats::default(),
+            queues: std::sync::atomic::AtomicUsize::new(0),
+            cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
             file,
         });
@@ -197,6 +203,7 @@ impl Disk for CowDisk {
         let event = Arc::new(EventFd::new().map_err(setup)?);
         let mailbox = Arc::new(Mailbox::new(event.clone()));
         s.channel.register(&mailbox);
+        s.queues.fetch_add(1, Ordering::AcqRel);
         let mut engine = Engine::new(s.opts.ring_entries, event).map_err(setup)?;
         engine.set_observer(s.opts.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(CowQueue {
@@ -403,15 +410,18 @@ impl CowQueue {
             range
         };
         // A first write lands in a hole of the COW file and must allocate.
-        // io_uring hands such a write to an io-wq thread; under load
-        // (several writes in flight on this queue) Linux AIO, which
-        // allocates inside io_submit, costs a third less CPU and gives a
-        // third more IOPS. At queue depth 1 the handoff costs nothing and
-        // io_uring has the lower latency. See `engine::aio`.
+        // io_uring hands such a write to an io-wq thread. When the queue
+        // workers already occupy every CPU and several writes are in flight,
+        // that handoff is pure overhead: Linux AIO, which allocates inside
+        // io_submit, then costs a third less CPU and gives a third more
+        // IOPS. With fewer workers than CPUs, io-wq puts the allocations on
+        // the idle CPUs, and at depth 1 io_uring has the lower latency.
+        // See `engine::aio`.
         let first = !bits.is_empty()
             && file.direct
+            && shared.opts.linux_aio
             && self.slots.len() >= AIO_MIN_IN_FLIGHT
-            && shared.opts.linux_aio;
+            && shared.queues.load(Ordering::Relaxed) >= shared.cpus;
         let key = self.new_slot(tag, Stage::Data { bits });
         let op = IoOp::rw(
             IoKind::Write { dsync: false },

@@ -56,6 +56,9 @@ struct Shared {
     observer: Option<super::Observer>,
     /// The image had holes when opened (and Linux AIO is allowed).
     sparse: bool,
+    /// Queues created, and CPUs available (see `CowQueue::write`).
+    queues: std::sync::atomic::AtomicUsize,
+    cpus: usize,
 }
 
 impl RawDisk {
@@ -112,6 +115,8 @@ impl RawDisk {
             ring_entries: opts.ring_entries,
             zeros,
             observer: opts.observer.clone(),
+            queues: std::sync::atomic::AtomicUsize::new(0),
+            cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             sparse: opts.linux_aio
                 && std::os::unix::fs::MetadataExt::blocks(&meta).saturating_mul(512) < len,
         });
@@ -131,6 +136,7 @@ impl Disk for RawDisk {
             source: e,
         };
         let event = Arc::new(EventFd::new().map_err(setup)?);
+        s.queues.fetch_add(1, Ordering::AcqRel);
         let mut engine = Engine::new(s.ring_entries, event).map_err(setup)?;
         engine.set_observer(s.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(RawQueue {
@@ -312,7 +318,10 @@ impl DiskQueue for RawQueue {
                 // Linux AIO: writes into holes allocate inside io_submit
                 // instead of being handed to io-wq threads (see
                 // `engine::aio`). A fully allocated image stays on io_uring.
-                let aio = direct && self.shared.sparse && self.slots.len() >= AIO_MIN_IN_FLIGHT;
+                let aio = direct
+                    && self.shared.sparse
+                    && self.slots.len() >= AIO_MIN_IN_FLIGHT
+                    && self.shared.queues.load(Ordering::Relaxed) >= self.shared.cpus;
                 let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov.0, direct, key as u64)
                     .map(|op| if aio { op.via_aio() } else { op });
                 self.push(key, op);
