@@ -383,6 +383,32 @@ pub fn read_header(file: &File, path: &Path) -> Result<CowHeader, CowFileError> 
     })
 }
 
+/// Header, geometry and length of an open COW file; the bitmap must lie
+/// inside the file.
+fn read_layout(file: &File, path: &Path) -> Result<(CowHeader, Geometry, u64), CowFileError> {
+    let header = read_header(file, path)?;
+    let geometry = header.geometry().map_err(|e| CowFileError::Header {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| CowFileError::Open {
+            path: path.to_path_buf(),
+            source: e,
+        })?
+        .len();
+    let bitmap_end = geometry.bitmap_offset.saturating_add(geometry.bitmap_len);
+    if file_len < bitmap_end {
+        return Err(CowFileError::BitmapTruncated {
+            path: path.to_path_buf(),
+            need: bitmap_end,
+            have: file_len,
+        });
+    }
+    Ok((header, geometry, file_len))
+}
+
 /// Compares the backing file with the header (size exact, mtime seconds).
 pub fn check_backing(
     cow: &Path,
@@ -430,20 +456,7 @@ impl CowFile {
         if !opts.no_lock {
             ofd_lock(&meta_fd, path, !opts.readonly, "COW file")?;
         }
-        let header = read_header(&meta_fd, path)?;
-        let geometry = header.geometry().map_err(|e| CowFileError::Header {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let file_len = meta_fd.metadata().map_err(open_err)?.len();
-        let bitmap_end = geometry.bitmap_offset.saturating_add(geometry.bitmap_len);
-        if file_len < bitmap_end {
-            return Err(CowFileError::BitmapTruncated {
-                path: path.to_path_buf(),
-                need: bitmap_end,
-                have: file_len,
-            });
-        }
+        let (header, geometry, _) = read_layout(&meta_fd, path)?;
 
         let backing_path = opts
             .backing
@@ -585,20 +598,7 @@ pub fn inspect(path: &Path, backing_override: Option<&Path>) -> Result<CowReport
         source: e,
     };
     let file = File::open(path).map_err(open_err)?;
-    let header = read_header(&file, path)?;
-    let geometry = header.geometry().map_err(|e| CowFileError::Header {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let file_len = file.metadata().map_err(open_err)?.len();
-    let bitmap_end = geometry.bitmap_offset.saturating_add(geometry.bitmap_len);
-    if file_len < bitmap_end {
-        return Err(CowFileError::BitmapTruncated {
-            path: path.to_path_buf(),
-            need: bitmap_end,
-            have: file_len,
-        });
-    }
+    let (header, geometry, file_len) = read_layout(&file, path)?;
     let bitmap = load_bitmap(&file, path, &geometry)?;
     let backing_path =
         backing_override.map_or_else(|| header.backing_file.clone(), Path::to_path_buf);
