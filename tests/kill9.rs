@@ -145,6 +145,7 @@ fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Sh
     // user_data -> (buffer slot, (sector, count, write id) or a flush)
     type Write = (u64, u64, u64);
     let mut inflight: HashMap<usize, (usize, Option<Write>)> = HashMap::new();
+    let mut flush_index: HashMap<usize, usize> = HashMap::new();
     let mut free: Vec<usize> = (0..DEPTH).collect();
     let mut ud = 1usize;
     let mut writes = 0u64;
@@ -154,7 +155,13 @@ fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Sh
             let slot = free.pop().unwrap();
             if writes % 16 == 15 {
                 let s = seq.fetch_add(1, Ordering::SeqCst);
-                model.lock().unwrap().flushes.push((s, None));
+                {
+                    let mut m = model.lock().unwrap();
+                    m.flushes.push((s, None));
+                    // This flush's own entry: the other queue's flushes
+                    // complete independently.
+                    flush_index.insert(ud, m.flushes.len() - 1);
+                }
                 q.flush(ud, ReqFlags::empty());
                 inflight.insert(ud, (slot, None));
             } else {
@@ -216,7 +223,10 @@ fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Sh
             let mut m = model.lock().unwrap();
             match what {
                 None => {
-                    if let Some(f) = m.flushes.iter_mut().rev().find(|f| f.1.is_none()) {
+                    if let Some(f) = flush_index
+                        .remove(&d.user_data)
+                        .and_then(|i| m.flushes.get_mut(i))
+                    {
                         f.1 = Some(s);
                     }
                 }
