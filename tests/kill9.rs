@@ -31,20 +31,6 @@ const QUEUES: usize = 2;
 const DEPTH: usize = 8;
 const SLOT: usize = 16 * 512; // largest write: 16 sectors
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Sector content written by write `id`.
 fn stamp(id: u64, sector: u64) -> [u8; 512] {
     let mut v = [0u8; 512];

@@ -83,3 +83,21 @@ pub fn set_sectors(bitmap: &[u8], nsect: u64) -> Vec<u64> {
         .filter(|&s| bitmap[(s / 8) as usize] & (1 << (s % 8)) != 0)
         .collect()
 }
+
+/// A seeded xorshift generator: failures reproduce from the printed seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
