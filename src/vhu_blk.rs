@@ -626,49 +626,56 @@ impl BlkBackend {
 
     /// Collects disk completions, retries parked reads, completes in order.
     fn reap(&self, w: &mut Worker, vring: &Vring) {
-        let mut done = std::mem::take(&mut w.done);
-        let retry = w.queue.poll(&mut done);
-        for c in done.drain(..) {
-            let status = match c.result {
-                Ok(()) => S_OK,
-                Err(e) if e == libc::EOPNOTSUPP => S_UNSUPP,
-                Err(e) => {
-                    self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    if w.limit.allow() {
-                        log::warn!(
-                            "{}: request failed: {}",
-                            self.disk.info().path.display(),
-                            io::Error::from_raw_os_error(e)
-                        );
-                    }
-                    S_IOERR
-                }
-            };
-            if let Some(s) = w.slot_mut(c.tag) {
-                s.status = Some(status);
-                if status != S_OK {
-                    s.data_in = 0;
-                }
+        loop {
+            let mut done = std::mem::take(&mut w.done);
+            // `poll` reports a bitmap-write wake-up only once: it must be
+            // acted on here, even when it arrives while the retried reads
+            // are being resubmitted (else they wait for a wake-up that
+            // already happened, forever).
+            let retry = w.queue.poll(&mut done);
+            for c in done.drain(..) {
+                self.record(w, &c);
             }
-        }
-        w.done = done;
-        if retry && !w.parked.is_empty() {
+            w.done = done;
+            if !retry || w.parked.is_empty() {
+                break;
+            }
             let parked = std::mem::take(&mut w.parked);
             for r in parked {
                 if let Submitted::Again(r) = w.queue.submit(r) {
                     w.parked.push_back(r);
                 }
             }
-            let _ = w.queue.commit();
-            // Immediate failures of the retried requests.
-            let mut done = std::mem::take(&mut w.done);
-            w.queue.poll(&mut done);
-            w.done = done;
-            if !w.done.is_empty() {
-                return self.reap(w, vring);
+            if let Err(e) = w.queue.commit() {
+                log::error!("{}: io_uring submit: {e}", self.disk.info().path.display());
             }
         }
         self.complete_in_order(w, vring);
+    }
+
+    /// Stores a disk completion's status in its slot.
+    fn record(&self, w: &mut Worker, c: &Completion) {
+        let status = match c.result {
+            Ok(()) => S_OK,
+            Err(e) if e == libc::EOPNOTSUPP => S_UNSUPP,
+            Err(e) => {
+                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                if w.limit.allow() {
+                    log::warn!(
+                        "{}: request failed: {}",
+                        self.disk.info().path.display(),
+                        io::Error::from_raw_os_error(e)
+                    );
+                }
+                S_IOERR
+            }
+        };
+        if let Some(s) = w.slot_mut(c.tag) {
+            s.status = Some(status);
+            if status != S_OK {
+                s.data_in = 0;
+            }
+        }
     }
 
     fn complete_in_order(&self, w: &mut Worker, vring: &Vring) {
