@@ -93,10 +93,11 @@ pub struct ServeArgs {
     /// COW: persist bits once the oldest completed write awaiting them is this old.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub checkpoint_ms: u64,
-    /// With --cache none, send writes into holes (COW first writes, sparse raw
-    /// images) through io_uring only, never Linux AIO.
-    #[arg(long)]
-    pub no_linux_aio: bool,
+    /// With --cache none, the interface for writes into holes of the file (COW
+    /// first writes, sparse raw images): auto (Linux AIO under load when the
+    /// queues cover every CPU, else io_uring), native (Linux AIO) or io_uring.
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    pub aio: String,
     /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
     #[arg(long, default_value_t = 0, hide = true)]
     pub test_bitmap_delay_ms: u64,

@@ -145,7 +145,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         checkpoint_extents: a.checkpoint_extents,
         checkpoint_ms: a.checkpoint_ms,
         bitmap_delay_ms: a.test_bitmap_delay_ms,
-        no_linux_aio: a.no_linux_aio,
+        aio: a.aio,
     })?;
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;

@@ -5,7 +5,11 @@ use std::{path::PathBuf, time::Duration};
 
 use thiserror::Error;
 
-use crate::{daemon::ListenOn, disk::DiskOptions, vhu_blk::MAX_QUEUES};
+use crate::{
+    daemon::ListenOn,
+    disk::{AioMode, DiskOptions},
+    vhu_blk::MAX_QUEUES,
+};
 
 /// Cache mode of the data files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,8 +59,8 @@ pub struct ServeConfig {
     pub checkpoint_age: Duration,
     /// Test hook (hidden option).
     pub bitmap_write_delay: Duration,
-    /// Allow Linux AIO for allocating O_DIRECT writes.
-    pub linux_aio: bool,
+    /// Interface for allocating O_DIRECT writes.
+    pub aio: AioMode,
 }
 
 /// A rejected argument.
@@ -83,6 +87,9 @@ pub enum ConfigError {
     /// Unknown cache mode.
     #[error("--cache {0}: must be 'none' or 'writeback'")]
     Cache(String),
+    /// Unknown AIO mode.
+    #[error("--aio {0}: must be 'auto', 'native' or 'io_uring'")]
+    Aio(String),
     /// The COW does not exist and no backing was given.
     #[error("COW file {0} does not exist: give --backing FILE to create it")]
     NoCow(PathBuf),
@@ -125,8 +132,8 @@ pub struct ServeArgsRaw {
     pub checkpoint_ms: u64,
     /// --test-bitmap-delay-ms
     pub bitmap_delay_ms: u64,
-    /// --no-linux-aio
-    pub no_linux_aio: bool,
+    /// --aio
+    pub aio: String,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -175,6 +182,12 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             "writeback" => CacheMode::Writeback,
             other => return Err(ConfigError::Cache(other.into())),
         };
+        let aio = match a.aio.as_str() {
+            "auto" => AioMode::Auto,
+            "native" => AioMode::Native,
+            "io_uring" => AioMode::IoUring,
+            other => return Err(ConfigError::Aio(other.into())),
+        };
         if a.checkpoint_extents == 0 || a.checkpoint_ms == 0 {
             return Err(ConfigError::Checkpoint);
         }
@@ -191,7 +204,7 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             checkpoint_extents: a.checkpoint_extents,
             checkpoint_age: Duration::from_millis(a.checkpoint_ms),
             bitmap_write_delay: Duration::from_millis(a.bitmap_delay_ms),
-            linux_aio: !a.no_linux_aio,
+            aio,
         })
     }
 }
@@ -211,7 +224,7 @@ impl ServeConfig {
             max_pending_age: self.checkpoint_age,
             ring_entries: u32::from(self.queue_size).max(64),
             bitmap_write_delay: self.bitmap_write_delay,
-            linux_aio: self.linux_aio,
+            aio: self.aio,
             observer: None,
         }
     }
@@ -228,6 +241,7 @@ mod tests {
             queues: 1,
             queue_size: 256,
             cache: "writeback".into(),
+            aio: "auto".into(),
             checkpoint_extents: 10,
             checkpoint_ms: 10,
             ..ServeArgsRaw::default()
@@ -239,6 +253,12 @@ mod tests {
         let c = ServeConfig::try_from(good()).unwrap();
         assert_eq!(c.listen, ListenOn::Path("/run/x.sock".into()));
         assert_eq!(c.disk, DiskSpec::Raw("/etc/hostname".into()));
+        assert_eq!(c.disk_options().aio, AioMode::Auto);
+        for (s, m) in [("native", AioMode::Native), ("io_uring", AioMode::IoUring)] {
+            let mut a = good();
+            a.aio = s.into();
+            assert_eq!(ServeConfig::try_from(a).unwrap().aio, m);
+        }
     }
 
     #[test]
@@ -267,6 +287,10 @@ mod tests {
         assert_eq!(
             e(|a| a.cache = "bogus".into()),
             ConfigError::Cache("bogus".into())
+        );
+        assert_eq!(
+            e(|a| a.aio = "threads".into()),
+            ConfigError::Aio("threads".into())
         );
         assert_eq!(e(|a| a.checkpoint_ms = 0), ConfigError::Checkpoint);
         assert_eq!(

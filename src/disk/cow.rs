@@ -46,8 +46,6 @@ use crate::{
 const ZERO_CHUNK: usize = 64 * 1024;
 /// First writes go through Linux AIO once this many requests are in flight
 /// on the queue.
-const AIO_MIN_IN_FLIGHT: usize = 4;
-
 /// State shared by the queues and the durability thread, under one lock
 /// held only for short, I/O-free sections.
 #[derive(Debug, Default)]
@@ -409,19 +407,15 @@ impl CowQueue {
         } else {
             range
         };
-        // A first write lands in a hole of the COW file and must allocate.
-        // io_uring hands such a write to an io-wq thread. When the queue
-        // workers already occupy every CPU and several writes are in flight,
-        // that handoff is pure overhead: Linux AIO, which allocates inside
-        // io_submit, then costs a third less CPU and gives a third more
-        // IOPS. With fewer workers than CPUs, io-wq puts the allocations on
-        // the idle CPUs, and at depth 1 io_uring has the lower latency.
-        // See `engine::aio`.
+        // A first write lands in a hole of the COW file and must allocate
+        // (see `AioMode`).
         let first = !bits.is_empty()
             && file.direct
-            && shared.opts.linux_aio
-            && self.slots.len() >= AIO_MIN_IN_FLIGHT
-            && shared.queues.load(Ordering::Relaxed) >= shared.cpus;
+            && shared.opts.aio.use_aio(
+                self.slots.len(),
+                shared.queues.load(Ordering::Relaxed),
+                shared.cpus,
+            );
         let key = self.new_slot(tag, Stage::Data { bits });
         let op = IoOp::rw(
             IoKind::Write { dsync: false },

@@ -301,12 +301,47 @@ pub struct DiskOptions {
     /// the R3/R4 windows (overlapping bitmap writes wait, reads park) can
     /// be observed. Zero in production.
     pub bitmap_write_delay: Duration,
-    /// Under load, send `O_DIRECT` writes into holes through Linux AIO
-    /// instead of io_uring (see `engine::aio`).
-    pub linux_aio: bool,
+    /// Which interface carries `O_DIRECT` writes into holes (see
+    /// `engine::aio`).
+    pub aio: AioMode,
     /// Recording layer: sees every write and sync of the disk's files
     /// (crash-state exploration). `None` in production.
     pub observer: Option<Observer>,
+}
+
+/// Which interface carries `O_DIRECT` writes into holes of the file (COW
+/// first writes, writes to a sparse raw image). io_uring hands such writes
+/// to io-wq worker threads, because the block allocation may block; Linux
+/// AIO allocates inside `io_submit`, in the queue's own thread. Every other
+/// request always goes through io_uring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AioMode {
+    /// Linux AIO once a queue has [`AioMode::MIN_IN_FLIGHT`] requests in
+    /// flight and the queue threads cover every CPU (then io-wq threads only
+    /// add handoffs); io_uring otherwise (io-wq puts the allocations on idle
+    /// CPUs, and at low depth it has the lower latency).
+    #[default]
+    Auto,
+    /// Always Linux AIO (as QEMU's `aio=native`).
+    Native,
+    /// Always io_uring.
+    IoUring,
+}
+
+impl AioMode {
+    /// Requests a queue must have in flight before `Auto` picks Linux AIO.
+    pub const MIN_IN_FLIGHT: usize = 4;
+
+    /// Whether an `O_DIRECT` write into a hole goes through Linux AIO, for a
+    /// queue with `in_flight` requests, on a disk with `queues` queues and
+    /// a machine with `cpus` CPUs.
+    pub fn use_aio(self, in_flight: usize, queues: usize, cpus: usize) -> bool {
+        match self {
+            Self::Auto => in_flight >= Self::MIN_IN_FLIGHT && queues >= cpus,
+            Self::Native => true,
+            Self::IoUring => false,
+        }
+    }
 }
 
 /// An [`IoObserver`](crate::engine::IoObserver) attached to a disk.
@@ -330,7 +365,7 @@ impl Default for DiskOptions {
             max_pending_age: Duration::from_secs(1),
             ring_entries: 256,
             bitmap_write_delay: Duration::ZERO,
-            linux_aio: true,
+            aio: AioMode::Auto,
             observer: None,
         }
     }
@@ -470,5 +505,21 @@ impl Blocking {
     /// Flushes.
     pub fn flush(&mut self) -> Result<(), i32> {
         self.run(Op::Flush)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AioMode;
+
+    #[test]
+    fn auto_picks_linux_aio_only_under_load_with_every_cpu_covered() {
+        let m = AioMode::MIN_IN_FLIGHT;
+        assert!(AioMode::Auto.use_aio(m, 2, 2));
+        assert!(AioMode::Auto.use_aio(m, 4, 2));
+        assert!(!AioMode::Auto.use_aio(m - 1, 2, 2), "low depth: io_uring");
+        assert!(!AioMode::Auto.use_aio(32, 1, 2), "an idle CPU: io_uring");
+        assert!(AioMode::Native.use_aio(0, 1, 64));
+        assert!(!AioMode::IoUring.use_aio(1000, 64, 1));
     }
 }

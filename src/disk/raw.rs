@@ -23,8 +23,8 @@ use std::{
 use slab::Slab;
 
 use super::{
-    check_request, file_id, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, Op,
-    Request, Submitted, SECTOR,
+    check_request, file_id, AioMode, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue,
+    Op, Request, Submitted, SECTOR,
 };
 use crate::{
     cow::file::ofd_lock,
@@ -33,9 +33,6 @@ use crate::{
 
 /// Bytes of zeros shared by the write-zeroes fallback.
 const ZERO_CHUNK: usize = 64 * 1024;
-/// O_DIRECT writes go through Linux AIO once this many requests are in
-/// flight on the queue.
-const AIO_MIN_IN_FLIGHT: usize = 4;
 /// Largest single fallback write.
 const ZERO_OP_MAX: u64 = 512 * ZERO_CHUNK as u64;
 
@@ -56,6 +53,8 @@ struct Shared {
     observer: Option<super::Observer>,
     /// The image had holes when opened (and Linux AIO is allowed).
     sparse: bool,
+    /// See [`AioMode`].
+    opts_aio: AioMode,
     /// Queues created, and CPUs available (see `CowQueue::write`).
     queues: std::sync::atomic::AtomicUsize,
     cpus: usize,
@@ -117,7 +116,8 @@ impl RawDisk {
             observer: opts.observer.clone(),
             queues: std::sync::atomic::AtomicUsize::new(0),
             cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            sparse: opts.linux_aio
+            opts_aio: opts.aio,
+            sparse: opts.aio != AioMode::IoUring
                 && std::os::unix::fs::MetadataExt::blocks(&meta).saturating_mul(512) < len,
         });
         Ok(Self { shared })
@@ -320,8 +320,11 @@ impl DiskQueue for RawQueue {
                 // `engine::aio`). A fully allocated image stays on io_uring.
                 let aio = direct
                     && self.shared.sparse
-                    && self.slots.len() >= AIO_MIN_IN_FLIGHT
-                    && self.shared.queues.load(Ordering::Relaxed) >= self.shared.cpus;
+                    && self.shared.opts_aio.use_aio(
+                        self.slots.len(),
+                        self.shared.queues.load(Ordering::Relaxed),
+                        self.shared.cpus,
+                    );
                 let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov.0, direct, key as u64)
                     .map(|op| if aio { op.via_aio() } else { op });
                 self.push(key, op);
