@@ -39,8 +39,14 @@ use super::{
 };
 use crate::engine::{Engine, EventFd, IoDone, IoKind, IoOp};
 
-/// Bitmap bytes closer than this share one bitmap write.
-const COALESCE_GAP: u64 = 64;
+/// Bitmap bytes closer than this share one bitmap write. A page: one
+/// buffered write per touched bitmap page instead of one per few bytes (a
+/// checkpoint of 16k random first writes on 16 GiB was ~13k writes of a
+/// byte or two, +7 us of CPU per guest write; now at most one per page). The
+/// bytes in between are current bits, which R3 keeps stable anyway; reads
+/// of never-written sectors nearby may park (R4) for the few microseconds
+/// a buffered write takes.
+const COALESCE_GAP: u64 = 4096;
 /// Largest coalesced bitmap write (bounds the bytes a read may wait on).
 const MAX_BITMAP_WRITE: u64 = 64 * 1024;
 /// io_uring entries of the durability thread.
