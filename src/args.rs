@@ -94,9 +94,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub checkpoint_ms: u64,
     /// With --cache none, the interface for writes into holes of the file (COW
-    /// first writes, sparse raw images): auto (Linux AIO under load when the
-    /// queues cover every CPU, else io_uring), native (Linux AIO) or io_uring.
-    #[arg(long, default_value = "auto", value_name = "MODE")]
+    /// first writes, sparse raw images): native (Linux AIO, allocates in the
+    /// queue's thread) or io_uring (hands them to io-wq threads).
+    #[arg(long, default_value = "native", value_name = "MODE")]
     pub aio: String,
     /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
     #[arg(long, default_value_t = 0, hide = true)]

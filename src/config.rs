@@ -88,7 +88,7 @@ pub enum ConfigError {
     #[error("--cache {0}: must be 'none' or 'writeback'")]
     Cache(String),
     /// Unknown AIO mode.
-    #[error("--aio {0}: must be 'auto', 'native' or 'io_uring'")]
+    #[error("--aio {0}: must be 'native' or 'io_uring'")]
     Aio(String),
     /// The COW does not exist and no backing was given.
     #[error("COW file {0} does not exist: give --backing FILE to create it")]
@@ -183,7 +183,6 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             other => return Err(ConfigError::Cache(other.into())),
         };
         let aio = match a.aio.as_str() {
-            "auto" => AioMode::Auto,
             "native" => AioMode::Native,
             "io_uring" => AioMode::IoUring,
             other => return Err(ConfigError::Aio(other.into())),
@@ -241,7 +240,7 @@ mod tests {
             queues: 1,
             queue_size: 256,
             cache: "writeback".into(),
-            aio: "auto".into(),
+            aio: "native".into(),
             checkpoint_extents: 10,
             checkpoint_ms: 10,
             ..ServeArgsRaw::default()
@@ -253,7 +252,7 @@ mod tests {
         let c = ServeConfig::try_from(good()).unwrap();
         assert_eq!(c.listen, ListenOn::Path("/run/x.sock".into()));
         assert_eq!(c.disk, DiskSpec::Raw("/etc/hostname".into()));
-        assert_eq!(c.disk_options().aio, AioMode::Auto);
+        assert_eq!(c.disk_options().aio, AioMode::Native);
         for (s, m) in [("native", AioMode::Native), ("io_uring", AioMode::IoUring)] {
             let mut a = good();
             a.aio = s.into();

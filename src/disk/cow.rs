@@ -99,10 +99,6 @@ pub struct CowShared {
     pub backing_changed: AtomicBool,
     /// Counters.
     pub stats: Stats,
-    /// Queues created (one per worker thread).
-    pub queues: std::sync::atomic::AtomicUsize,
-    /// CPUs available to the daemon.
-    pub cpus: usize,
     zeros: AlignedBuf,
 }
 
@@ -157,8 +153,6 @@ impl CowDisk {
             writes_since_sync: AtomicU64::new(0),
             backing_changed: AtomicBool::new(false),
             stats: Stats::default(),
-            queues: std::sync::atomic::AtomicUsize::new(0),
-            cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
             file,
         });
@@ -201,7 +195,6 @@ impl Disk for CowDisk {
         let event = Arc::new(EventFd::new().map_err(setup)?);
         let mailbox = Arc::new(Mailbox::new(event.clone()));
         s.channel.register(&mailbox);
-        s.queues.fetch_add(1, Ordering::AcqRel);
         let mut engine = Engine::new(s.opts.ring_entries, event).map_err(setup)?;
         engine.set_observer(s.opts.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(CowQueue {
@@ -409,13 +402,7 @@ impl CowQueue {
         };
         // A first write lands in a hole of the COW file and must allocate
         // (see `AioMode`).
-        let first = !bits.is_empty()
-            && file.direct
-            && shared.opts.aio.use_aio(
-                self.slots.len(),
-                shared.queues.load(Ordering::Relaxed),
-                shared.cpus,
-            );
+        let first = !bits.is_empty() && file.direct && shared.opts.aio == super::AioMode::Native;
         let key = self.new_slot(tag, Stage::Data { bits });
         let op = IoOp::rw(
             IoKind::Write { dsync: false },

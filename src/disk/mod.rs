@@ -312,36 +312,20 @@ pub struct DiskOptions {
 /// Which interface carries `O_DIRECT` writes into holes of the file (COW
 /// first writes, writes to a sparse raw image). io_uring hands such writes
 /// to io-wq worker threads, because the block allocation may block; Linux
-/// AIO allocates inside `io_submit`, in the queue's own thread. Every other
-/// request always goes through io_uring.
+/// AIO allocates inside `io_submit`, in the queue's own thread, like QEMU's
+/// `aio=native`. Every other request always goes through io_uring.
+///
+/// Measured on a fresh 16 GiB COW (2 CPUs, ext4, 5 s x 4-5 alternated
+/// runs, medians), Linux AIO against io_uring: 2 queues x qd32 +31% IOPS and
+/// -38% CPU per write; qd1 p50 144 vs 152 us (1 queue), 181 vs 207 us
+/// (2 queues); one queue x qd32 37.0k vs 35.0k IOPS at 17 vs 27 us of CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AioMode {
-    /// Linux AIO once a queue has [`AioMode::MIN_IN_FLIGHT`] requests in
-    /// flight and the queue threads cover every CPU (then io-wq threads only
-    /// add handoffs); io_uring otherwise (io-wq puts the allocations on idle
-    /// CPUs, and at low depth it has the lower latency).
+    /// Linux AIO.
     #[default]
-    Auto,
-    /// Always Linux AIO (as QEMU's `aio=native`).
     Native,
-    /// Always io_uring.
+    /// io_uring.
     IoUring,
-}
-
-impl AioMode {
-    /// Requests a queue must have in flight before `Auto` picks Linux AIO.
-    pub const MIN_IN_FLIGHT: usize = 4;
-
-    /// Whether an `O_DIRECT` write into a hole goes through Linux AIO, for a
-    /// queue with `in_flight` requests, on a disk with `queues` queues and
-    /// a machine with `cpus` CPUs.
-    pub fn use_aio(self, in_flight: usize, queues: usize, cpus: usize) -> bool {
-        match self {
-            Self::Auto => in_flight >= Self::MIN_IN_FLIGHT && queues >= cpus,
-            Self::Native => true,
-            Self::IoUring => false,
-        }
-    }
 }
 
 /// An [`IoObserver`](crate::engine::IoObserver) attached to a disk.
@@ -365,7 +349,7 @@ impl Default for DiskOptions {
             max_pending_age: Duration::from_secs(1),
             ring_entries: 256,
             bitmap_write_delay: Duration::ZERO,
-            aio: AioMode::Auto,
+            aio: AioMode::Native,
             observer: None,
         }
     }
@@ -505,21 +489,5 @@ impl Blocking {
     /// Flushes.
     pub fn flush(&mut self) -> Result<(), i32> {
         self.run(Op::Flush)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::AioMode;
-
-    #[test]
-    fn auto_picks_linux_aio_only_under_load_with_every_cpu_covered() {
-        let m = AioMode::MIN_IN_FLIGHT;
-        assert!(AioMode::Auto.use_aio(m, 2, 2));
-        assert!(AioMode::Auto.use_aio(m, 4, 2));
-        assert!(!AioMode::Auto.use_aio(m - 1, 2, 2), "low depth: io_uring");
-        assert!(!AioMode::Auto.use_aio(32, 1, 2), "an idle CPU: io_uring");
-        assert!(AioMode::Native.use_aio(0, 1, 64));
-        assert!(!AioMode::IoUring.use_aio(1000, 64, 1));
     }
 }

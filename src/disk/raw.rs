@@ -53,11 +53,6 @@ struct Shared {
     observer: Option<super::Observer>,
     /// The image had holes when opened (and Linux AIO is allowed).
     sparse: bool,
-    /// See [`AioMode`].
-    opts_aio: AioMode,
-    /// Queues created, and CPUs available (see `CowQueue::write`).
-    queues: std::sync::atomic::AtomicUsize,
-    cpus: usize,
 }
 
 impl RawDisk {
@@ -114,9 +109,6 @@ impl RawDisk {
             ring_entries: opts.ring_entries,
             zeros,
             observer: opts.observer.clone(),
-            queues: std::sync::atomic::AtomicUsize::new(0),
-            cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            opts_aio: opts.aio,
             sparse: opts.aio != AioMode::IoUring
                 && std::os::unix::fs::MetadataExt::blocks(&meta).saturating_mul(512) < len,
         });
@@ -136,7 +128,6 @@ impl Disk for RawDisk {
             source: e,
         };
         let event = Arc::new(EventFd::new().map_err(setup)?);
-        s.queues.fetch_add(1, Ordering::AcqRel);
         let mut engine = Engine::new(s.ring_entries, event).map_err(setup)?;
         engine.set_observer(s.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(RawQueue {
@@ -318,13 +309,7 @@ impl DiskQueue for RawQueue {
                 // Linux AIO: writes into holes allocate inside io_submit
                 // instead of being handed to io-wq threads (see
                 // `engine::aio`). A fully allocated image stays on io_uring.
-                let aio = direct
-                    && self.shared.sparse
-                    && self.shared.opts_aio.use_aio(
-                        self.slots.len(),
-                        self.shared.queues.load(Ordering::Relaxed),
-                        self.shared.cpus,
-                    );
+                let aio = direct && self.shared.sparse;
                 let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov.0, direct, key as u64)
                     .map(|op| if aio { op.via_aio() } else { op });
                 self.push(key, op);
