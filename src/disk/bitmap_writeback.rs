@@ -150,13 +150,10 @@ impl<T> BitmapWriteback<T> {
             .is_some_and(|(&start, &(end, _))| overlaps(&(start..end), bytes))
     }
 
-    fn blocked(&self, bytes: &Range<u64>, earlier_waiters: usize) -> bool {
-        self.overlaps_pending(bytes)
-            || self
-                .waiting
-                .iter()
-                .take(earlier_waiters)
-                .any(|w| overlaps(&w.bytes, bytes))
+    /// A new write waits if it overlaps a pending write or any waiting one
+    /// (they go first).
+    fn blocked(&self, bytes: &Range<u64>) -> bool {
+        self.overlaps_pending(bytes) || self.waiting.iter().any(|w| overlaps(&w.bytes, bytes))
     }
 
     fn issue(
@@ -209,7 +206,7 @@ impl<T> BitmapWriteback<T> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        if self.blocked(&bytes, self.waiting.len()) {
+        if self.blocked(&bytes) {
             self.waiting.push_back(Waiting {
                 id,
                 bytes,
@@ -270,9 +267,7 @@ impl<T> BitmapWriteback<T> {
             if bytes.start >= bytes.end {
                 continue;
             }
-            if self.overlaps_pending(&bytes)
-                || self.waiting.iter().any(|w| overlaps(&w.bytes, &bytes))
-            {
+            if self.blocked(&bytes) {
                 return Err(ReadAgain);
             }
         }
