@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// queue's thread) or io_uring (hands them to io-wq threads).
     #[arg(long, default_value = "native", value_name = "MODE")]
     pub aio: String,
+    /// Worker threads serving the queues (queue q on thread q mod N); default:
+    /// one per queue, at most half the CPUs this process may use.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
     #[arg(long, default_value_t = 0, hide = true)]
     pub test_bitmap_delay_ms: u64,

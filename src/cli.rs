@@ -145,6 +145,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         checkpoint_extents: a.checkpoint_extents,
         checkpoint_ms: a.checkpoint_ms,
         bitmap_delay_ms: a.test_bitmap_delay_ms,
+        threads: a.threads,
         aio: a.aio,
     })?;
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
@@ -163,6 +164,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
             readonly: cfg.readonly,
             serial,
             writethrough: cfg.writethrough,
+            threads: cfg.threads,
         },
     )?);
     daemon::run(backend, &cfg.listen, signals)?;

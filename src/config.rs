@@ -61,6 +61,8 @@ pub struct ServeConfig {
     pub bitmap_write_delay: Duration,
     /// Interface for allocating O_DIRECT writes.
     pub aio: AioMode,
+    /// Worker threads (1..=queues).
+    pub threads: usize,
 }
 
 /// A rejected argument.
@@ -87,6 +89,9 @@ pub enum ConfigError {
     /// Unknown cache mode.
     #[error("--cache {0}: must be 'none' or 'writeback'")]
     Cache(String),
+    /// --threads out of range.
+    #[error("--threads {0}: give 1 to {1} (the number of --queues)")]
+    Threads(usize, usize),
     /// Unknown AIO mode.
     #[error("--aio {0}: must be 'native' or 'io_uring'")]
     Aio(String),
@@ -134,6 +139,8 @@ pub struct ServeArgsRaw {
     pub bitmap_delay_ms: u64,
     /// --aio
     pub aio: String,
+    /// --threads
+    pub threads: Option<usize>,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -190,6 +197,10 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
         if a.checkpoint_extents == 0 || a.checkpoint_ms == 0 {
             return Err(ConfigError::Checkpoint);
         }
+        let threads = a.threads.unwrap_or_else(|| default_threads(a.queues));
+        if threads == 0 || threads > a.queues {
+            return Err(ConfigError::Threads(threads, a.queues));
+        }
         Ok(Self {
             listen,
             disk,
@@ -204,8 +215,21 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             checkpoint_age: Duration::from_millis(a.checkpoint_ms),
             bitmap_write_delay: Duration::from_millis(a.bitmap_delay_ms),
             aio,
+            threads,
         })
     }
+}
+
+/// Default worker threads: one per queue, but at most half the CPUs this
+/// process may run on (at least one). The guest's vCPUs, or a local client,
+/// need the other half; more threads than that only add wake-ups and
+/// cross-CPU signalling. Measured on 2 CPUs, 2 queues (libblkio client, 4
+/// KiB, alternated runs): one thread against two gave first writes on a
+/// fresh COW 65.7k vs 61.5k IOPS at qd32 and 138 vs 164 us p50 with 40 vs
+/// 59 us of CPU per write at qd1; reads at qd1 31 vs 45 us of CPU per read.
+pub fn default_threads(queues: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cpus / 2).clamp(1, queues.max(1))
 }
 
 impl ServeConfig {
@@ -241,6 +265,7 @@ mod tests {
             queue_size: 256,
             cache: "writeback".into(),
             aio: "native".into(),
+            threads: None,
             checkpoint_extents: 10,
             checkpoint_ms: 10,
             ..ServeArgsRaw::default()
@@ -258,6 +283,25 @@ mod tests {
             a.aio = s.into();
             assert_eq!(ServeConfig::try_from(a).unwrap().aio, m);
         }
+        for (queues, threads, want) in [(1, None, 1), (4, Some(4), 4), (4, Some(3), 3)] {
+            let mut a = good();
+            a.queues = queues;
+            a.threads = threads;
+            assert_eq!(ServeConfig::try_from(a).unwrap().threads, want);
+        }
+        let mut a = good();
+        a.queues = 16;
+        let t = ServeConfig::try_from(a).unwrap().threads;
+        assert_eq!(t, default_threads(16));
+        assert!((1..=16).contains(&t), "{t}");
+    }
+
+    #[test]
+    fn default_threads_leave_half_the_cpus_and_serve_every_queue() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(default_threads(1), 1);
+        assert_eq!(default_threads(16), (cpus / 2).clamp(1, 16));
+        assert!(default_threads(16) <= cpus.max(2) / 2);
     }
 
     #[test]
@@ -292,6 +336,8 @@ mod tests {
             ConfigError::Aio("threads".into())
         );
         assert_eq!(e(|a| a.checkpoint_ms = 0), ConfigError::Checkpoint);
+        assert_eq!(e(|a| a.threads = Some(0)), ConfigError::Threads(0, 1));
+        assert_eq!(e(|a| a.threads = Some(2)), ConfigError::Threads(2, 1));
         assert_eq!(
             e(|a| a.raw = Some("/nonexistent/x.img".into())),
             ConfigError::NoRaw("/nonexistent/x.img".into())

@@ -156,8 +156,8 @@ pub fn run(
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("ubd-vhost".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::Daemon(e.to_string()))?;
-        for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some((fd, id)) = backend.disk_event_fd(queue) {
+        for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            for (fd, id) in backend.disk_event_fds(thread) {
                 handler
                     .register_listener(fd, EventSet::IN, id)
                     .map_err(|e| DaemonError::Daemon(format!("epoll registration: {e}")))?;

@@ -73,9 +73,10 @@ const DISCARD_ALIGN: u32 = 8;
 const SIZE_MAX: u32 = 1 << 20;
 /// Most segments per request (stays below IOV_MAX).
 const SEG_MAX_CAP: u32 = 1022;
-/// Epoll id of the disk queue's eventfd (ids up to `num_queues` are reserved).
-fn disk_event_id(queues: usize) -> u16 {
-    u16::try_from(queues + 1).unwrap_or(u16::MAX)
+/// Epoll id of the disk eventfd of a thread's `local`-th queue (ids up to
+/// `num_queues` are the library's: kicks, then the exit event).
+fn disk_event_id(queues: usize, local: usize) -> u16 {
+    u16::try_from(queues + 1 + local).unwrap_or(u16::MAX)
 }
 
 /// What the backend serves.
@@ -91,6 +92,8 @@ pub struct BlkConfig {
     pub serial: String,
     /// Force WCE=0: no CONFIG_WCE, every write durable at completion.
     pub writethrough: bool,
+    /// Worker threads; queue `q` is served by thread `q % threads`.
+    pub threads: usize,
 }
 
 /// Rate limiter for guest-triggered log lines.
@@ -269,14 +272,28 @@ impl BlkBackend {
         &self.disk
     }
 
-    /// The queue's disk eventfd and the epoll id to register it with.
-    pub fn disk_event_fd(&self, queue: usize) -> Option<(std::os::fd::RawFd, u64)> {
-        self.workers.get(queue).map(|w| {
-            (
-                lock(w).queue.event_fd(),
-                u64::from(disk_event_id(self.cfg.queues)),
-            )
-        })
+    /// Worker threads (at least one, at most one per queue).
+    fn threads(&self) -> usize {
+        self.cfg.threads.clamp(1, self.cfg.queues.max(1))
+    }
+
+    /// The queues thread `thread` serves, in the order of its vrings.
+    fn thread_queues(&self, thread: usize) -> impl Iterator<Item = usize> {
+        let n = self.threads();
+        (0..self.cfg.queues).filter(move |q| q % n == thread)
+    }
+
+    /// The disk eventfds of thread `thread`'s queues and the epoll ids to
+    /// register them with.
+    pub fn disk_event_fds(&self, thread: usize) -> Vec<(std::os::fd::RawFd, u64)> {
+        self.thread_queues(thread)
+            .enumerate()
+            .filter_map(|(local, q)| {
+                let w = self.workers.get(q)?;
+                let id = disk_event_id(self.cfg.queues, local);
+                Some((lock(w).queue.event_fd(), u64::from(id)))
+            })
+            .collect()
     }
 
     /// Called between connections: finish disk I/O of the old one, forget
@@ -870,7 +887,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.cfg.queues).map(|i| 1u64 << i).collect()
+        (0..self.threads())
+            .map(|t| self.thread_queues(t).fold(0u64, |m, q| m | (1u64 << q)))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -907,14 +926,23 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        let (Some(vring), Some(worker)) = (vrings.first(), self.workers.get(thread_id)) else {
+        let disk_base = usize::from(disk_event_id(self.cfg.queues, 0));
+        let (local, disk) = match usize::from(device_event) {
+            k if k < vrings.len() => (k, false),
+            k if k >= disk_base => (k - disk_base, true),
+            _ => return Ok(()),
+        };
+        let Some(queue) = self.thread_queues(thread_id).nth(local) else {
+            return Ok(());
+        };
+        let (Some(vring), Some(worker)) = (vrings.get(local), self.workers.get(queue)) else {
             return Ok(());
         };
         if evset != EventSet::IN {
-            log::debug!("queue {thread_id}: event {evset:?}");
+            log::debug!("queue {queue}: event {evset:?}");
         }
         let mut w = lock(worker);
-        if device_event == disk_event_id(self.cfg.queues) {
+        if disk {
             self.reap(&mut w, vring);
         } else {
             self.process_queue(&mut w, vring);

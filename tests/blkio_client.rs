@@ -851,11 +851,17 @@ fn raw_one_queue_random_io_matches_the_model() {
 }
 
 /// `--cache none`: O_DIRECT, so segments cut at odd byte offsets must be
-/// bounced by the daemon.
+/// bounced by the daemon. All four queues on one worker thread.
 #[test]
 fn raw_four_queues_random_io_matches_the_model() {
     timed("raw_four_queues_random_io_matches_the_model", || {
-        random_io_case(false, 4, 1000, seed(21), &["--cache", "none"]);
+        random_io_case(
+            false,
+            4,
+            1000,
+            seed(21),
+            &["--cache", "none", "--threads", "1"],
+        );
     });
 }
 
@@ -872,6 +878,7 @@ fn cow_one_queue_random_io_matches_the_model_uml_moo_and_the_bitmap() {
 
 /// Frequent checkpoints and slow bitmap writes: reads of fresh sectors
 /// keep meeting pending bitmap writes of their bytes (R3, R4 under load).
+/// Two worker threads with two queues each.
 #[test]
 fn cow_four_queues_random_io_matches_the_model_uml_moo_and_the_bitmap() {
     timed(
@@ -882,7 +889,14 @@ fn cow_four_queues_random_io_matches_the_model_uml_moo_and_the_bitmap() {
                 4,
                 1000,
                 seed(41),
-                &["--checkpoint-ms", "20", "--test-bitmap-delay-ms", "3"],
+                &[
+                    "--checkpoint-ms",
+                    "20",
+                    "--test-bitmap-delay-ms",
+                    "3",
+                    "--threads",
+                    "2",
+                ],
             );
         },
     );
