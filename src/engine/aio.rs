@@ -27,6 +27,15 @@ pub fn submitted() -> u64 {
 }
 
 const IOCB_CMD_PWRITEV: u16 = 8;
+
+/// Most iocbs per `io_submit`. The kernel allocates the blocks of each
+/// write inside the call and, under its block plug, sends nothing to the
+/// device until the call returns: one call for 30 writes into holes keeps
+/// the first one off the disk until the last one is allocated. Measured on
+/// a fresh sparse image (1 queue x qd32, 4 s x 3 alternated runs): 4 per
+/// call 50-61k IOPS, 8 per call 50-61k, 2 per call 43-54k, everything
+/// popped in one call 37-46k (qemu-storage-daemon, one per call: 43-57k).
+const SUBMIT_BATCH: usize = 4;
 const IOCB_FLAG_RESFD: u32 = 1;
 
 /// `struct iocb` of `linux/aio_abi.h` (little-endian layout).
@@ -123,7 +132,8 @@ impl Aio {
         let mut refused = Vec::new();
         let mut done = 0usize;
         while done < self.pending.len() {
-            let rest = self.pending.get_mut(done..).unwrap_or_default();
+            let end = self.pending.len().min(done.saturating_add(SUBMIT_BATCH));
+            let rest = self.pending.get_mut(done..end).unwrap_or_default();
             // SAFETY: `rest` is an array of valid iocb pointers (contract of
             // `push`); io_submit reads them and the iocbs they point to.
             let rc = unsafe {
