@@ -303,6 +303,12 @@ def write_report(wls, results, started):
         "devices (COW bits / qcow2 clusters / file blocks allocated on the fly); `rewrite` "
         "workloads write a GiB that was written once before.",
         "",
+        "Servers: ours `vhost-user-ubd serve --queues 2 --cache none` with the default "
+        f"`--threads` ({max(1, min(2, len(os.sched_getaffinity(0)) // 2))} here: one per queue, at most "
+        "half the CPUs); qemu-storage-daemon with one vhost-user-blk export (num-queues=2, served "
+        "by its main loop thread), `cache.direct=on,aio=native` on every file, the qcow2 backing "
+        "declared as its own read-only blockdev.",
+        "",
         "## IOPS (median) and ratios",
         "",
         "| workload | ours-cow | ours-raw | qsd-qcow2 | qsd-raw | limit | cow/qcow2 | cow/qsd-raw | raw/qsd-raw | cow/limit |",
