@@ -732,10 +732,6 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    /// Tests that check the process-wide AIO submission counter run one at
-    /// a time.
-    static AIO_COUNTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     fn iov(buf: &mut [u8]) -> libc::iovec {
         libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -746,7 +742,9 @@ mod tests {
     #[test]
     fn aio_writes_land_and_complete_through_the_same_eventfd() {
         use std::os::unix::fs::OpenOptionsExt;
-        let _serial = AIO_COUNTER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serial = super::super::aio::tests::AIO_COUNTER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let f = std::fs::OpenOptions::new()
@@ -803,7 +801,9 @@ mod tests {
     #[test]
     fn a_batch_of_aio_writes_larger_than_one_submit_all_lands() {
         use std::os::unix::fs::OpenOptionsExt;
-        let _serial = AIO_COUNTER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serial = super::super::aio::tests::AIO_COUNTER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         const N: usize = 11;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
@@ -857,7 +857,8 @@ mod tests {
         let file = std::fs::File::open(&path).unwrap();
         for i in 0..N {
             let mut back = vec![0u8; 4096];
-            file.read_exact_at(&mut back, 8192 * (N - i) as u64).unwrap();
+            file.read_exact_at(&mut back, 8192 * (N - i) as u64)
+                .unwrap();
             assert!(back.iter().all(|&b| b == 0x10 + i as u8), "block {i}");
         }
     }
