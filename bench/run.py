@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 """`make bench`: vhost-user-ubd side by side with qemu-storage-daemon.
 
-One run, same files, same cache mode (O_DIRECT everywhere), the systems
+One run, same base, same cache mode (O_DIRECT everywhere), the systems
 alternated A B C ... A B C so machine drift cancels, BENCH_REPS repetitions
 (default 3), medians reported. Writes BENCHMARKS.md.
 
@@ -160,18 +160,27 @@ def qsd_qcow2(base, ovl, sock, logf):
 
 
 def fresh_files(base, tag):
-    """New, never-written devices of BASE_SIZE for each system."""
+    """New, never-written devices of BASE_SIZE, one per system: a raw file
+    shared by two systems would give the second one writes into blocks the
+    first allocated and the file system's allocation state it left."""
     d = os.path.join(WORK, "run")
     os.makedirs(d, exist_ok=True)
-    cow, ovl, raw = (os.path.join(d, f"{tag}.{e}") for e in ("cow", "qcow2", "raw"))
-    for p in (cow, ovl, raw):
+    files = {
+        "ours-cow": os.path.join(d, f"{tag}.cow"),
+        "ours-raw": os.path.join(d, f"{tag}.ours.raw"),
+        "qsd-qcow2": os.path.join(d, f"{tag}.qcow2"),
+        "qsd-raw": os.path.join(d, f"{tag}.qsd.raw"),
+        "limit": os.path.join(d, f"{tag}.limit.raw"),
+    }
+    for p in files.values():
         if os.path.exists(p):
             os.unlink(p)
-    sh(UBD, "create", cow, base, stderr=subprocess.DEVNULL)
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", ovl)
-    with open(raw, "wb") as f:
-        f.truncate(BASE_SIZE)
-    return cow, ovl, raw
+    sh(UBD, "create", files["ours-cow"], base, stderr=subprocess.DEVNULL)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", files["qsd-qcow2"])
+    for s in ("ours-raw", "qsd-raw", "limit"):
+        with open(files[s], "wb") as f:
+            f.truncate(BASE_SIZE)
+    return files
 
 
 def data_raw(base):
@@ -202,8 +211,10 @@ def prefill_region(target, pid, region):
     that rewrites find it allocated."""
     cmd = [BENCH] + target + [
         "--queues", "2", "--depth", "8", "--mode", "write", "--bs", str(1 << 20),
-        "--seconds", "600", "--once", "--size", str(region), "--label", "prefill", "--pid", str(pid),
+        "--seconds", "600", "--once", "--size", str(region), "--label", "prefill",
     ]
+    if pid:
+        cmd += ["--pid", str(pid)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
@@ -222,18 +233,21 @@ def run_one(system, wl, base, rep, files):
     settle()
     logf = os.path.join(WORK, "servers.log")
     sock = os.path.join(WORK, f"{system}.sock")
-    cow, ovl, raw = files
+    # Reads use the data copy of the base; writes a device of their own.
+    path = files[system] if kind != "data" else data_raw(base)
     if system == "limit":
-        path = raw if kind != "data" else data_raw(base)
+        if kind == "rewrite":
+            prefill_region(["--file", path], None, region)
+            settle()
         return bench(["--file", path], wl, system)
     if system == "ours-cow":
-        srv = ours(["--cow", cow], sock, logf)
+        srv = ours(["--cow", files[system]], sock, logf)
     elif system == "ours-raw":
-        srv = ours(["--raw", raw if kind != "data" else data_raw(base)], sock, logf)
+        srv = ours(["--raw", path], sock, logf)
     elif system == "qsd-qcow2":
-        srv = qsd_qcow2(base, ovl, sock, logf)
+        srv = qsd_qcow2(base, files[system], sock, logf)
     else:
-        srv = qsd_raw(raw if kind != "data" else data_raw(base), sock, logf)
+        srv = qsd_raw(path, sock, logf)
     try:
         if kind == "rewrite":
             prefill_region(["--socket", sock], srv.proc.pid, region)
@@ -261,12 +275,14 @@ def main():
         for rep in range(REPS):
             # Fresh devices per repetition (first writes stay first writes).
             files = fresh_files(base, f"{name}-{rep}")
-            for system in SYSTEMS:
+            # The order rotates with each repetition, so no system always
+            # runs first (or right after a given other one).
+            for system in SYSTEMS[rep % len(SYSTEMS):] + SYSTEMS[:rep % len(SYSTEMS)]:
                 r = run_one(system, wl, base, rep, files)
                 results.setdefault((name, system), []).append(r)
                 log(f"{name:28} {system:10} rep {rep}: {r['iops']:9.0f} IOPS  p50 {r['p50_us']:8.1f} us  "
                     f"p99 {r['p99_us']:9.1f} us  max {r['max_us']:9.1f} us  cpu/io {r.get('cpu_us_per_io') or 0:6.1f} us")
-            for p in files:
+            for p in files.values():
                 os.unlink(p)
     write_report(wls, results, started)
 
@@ -295,8 +311,8 @@ def write_report(wls, results, started):
         "",
         f"Command: `make bench` (BENCH_SECONDS={SECONDS:g}, BENCH_REPS={REPS}). Client: `ubd-bench` "
         "(libblkio virtio-blk-vhost-user, one thread per queue), the same for every server. All "
-        "systems use O_DIRECT on the same files; the systems alternate within each repetition; "
-        "each figure is the median of the repetitions.",
+        "systems use O_DIRECT; the systems alternate within each repetition, in an order that "
+        "rotates from one repetition to the next; each figure is the median of the repetitions.",
         "",
         "Devices: a 16 GiB raw base whose first GiB holds random data. `data` workloads use that "
         "GiB (COW and qcow2 read it from the base); `fresh` workloads write never-written 16 GiB "
