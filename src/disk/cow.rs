@@ -400,9 +400,10 @@ impl CowQueue {
         } else {
             range
         };
-        // A first write lands in a hole of the COW file and must allocate
-        // (see `AioMode`).
-        let first = !bits.is_empty() && file.direct && shared.opts.aio == super::AioMode::Native;
+        // Data writes go through Linux AIO with `--aio native` (see
+        // `AioMode`): a first write lands in a hole of the COW file and
+        // must allocate; a rewrite completes sooner than through io_uring.
+        let aio = file.direct && shared.opts.aio == super::AioMode::Native;
         let key = self.new_slot(tag, Stage::Data { bits });
         let op = IoOp::rw(
             IoKind::Write { dsync: false },
@@ -412,7 +413,7 @@ impl CowQueue {
             file.direct,
             key as u64,
         )
-        .map(|op| if first { op.via_aio() } else { op });
+        .map(|op| if aio { op.via_aio() } else { op });
         self.push(key, op);
         self.settle(key);
     }

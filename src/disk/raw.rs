@@ -51,8 +51,8 @@ struct Shared {
     ring_entries: u32,
     zeros: crate::engine::AlignedBuf,
     observer: Option<super::Observer>,
-    /// The image had holes when opened (and Linux AIO is allowed).
-    sparse: bool,
+    /// `O_DIRECT` writes go through Linux AIO (`--aio native`).
+    aio_writes: bool,
 }
 
 impl RawDisk {
@@ -109,8 +109,7 @@ impl RawDisk {
             ring_entries: opts.ring_entries,
             zeros,
             observer: opts.observer.clone(),
-            sparse: opts.aio != AioMode::IoUring
-                && std::os::unix::fs::MetadataExt::blocks(&meta).saturating_mul(512) < len,
+            aio_writes: opts.aio == AioMode::Native,
         });
         Ok(Self { shared })
     }
@@ -305,11 +304,11 @@ impl DiskQueue for RawQueue {
             }
             Op::Write { sector, iov } => {
                 let kind = IoKind::Write { dsync: !writeback };
-                // Under load, O_DIRECT writes to a sparse image go through
-                // Linux AIO: writes into holes allocate inside io_submit
-                // instead of being handed to io-wq threads (see
-                // `engine::aio`). A fully allocated image stays on io_uring.
-                let aio = direct && self.shared.sparse;
+                // O_DIRECT writes go through Linux AIO: writes into holes
+                // allocate inside io_submit instead of being handed to
+                // io-wq threads, and overwrites complete sooner too (see
+                // `AioMode`).
+                let aio = direct && self.shared.aio_writes;
                 let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov.0, direct, key as u64)
                     .map(|op| if aio { op.via_aio() } else { op });
                 self.push(key, op);
