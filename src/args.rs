@@ -93,9 +93,9 @@ pub struct ServeArgs {
     /// COW: persist bits once the oldest completed write awaiting them is this old.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub checkpoint_ms: u64,
-    /// With --cache none, the interface for writes into holes of the file (COW
-    /// first writes, sparse raw images): native (Linux AIO, allocates in the
-    /// queue's thread) or io_uring (hands them to io-wq threads).
+    /// With --cache none, the interface for data writes: native (Linux AIO,
+    /// like QEMU's aio=native; writes into holes allocate in the queue's
+    /// thread) or io_uring (hands writes into holes to io-wq threads).
     #[arg(long, default_value = "native", value_name = "MODE")]
     pub aio: String,
     /// Worker threads serving the queues (queue q on thread q mod N); default:

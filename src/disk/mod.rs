@@ -301,8 +301,7 @@ pub struct DiskOptions {
     /// the R3/R4 windows (overlapping bitmap writes wait, reads park) can
     /// be observed. Zero in production.
     pub bitmap_write_delay: Duration,
-    /// Which interface carries `O_DIRECT` writes into holes (see
-    /// `engine::aio`).
+    /// Which interface carries `O_DIRECT` data writes (see `AioMode`).
     pub aio: AioMode,
     /// Recording layer: sees every write and sync of the disk's files
     /// (crash-state exploration). `None` in production.

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Linux native AIO for `O_DIRECT` writes that must allocate blocks.
+//! Linux native AIO for `O_DIRECT` data writes (`--aio native`), above all
+//! those that must allocate blocks.
 //!
 //! io_uring cannot complete such a write without blocking, so it punts it
 //! to an io-wq worker thread: a handoff per write. Linux AIO instead does
