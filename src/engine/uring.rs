@@ -732,6 +732,31 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
+    /// For tests that submit through Linux AIO: the lock that runs them one
+    /// at a time (they check the process-wide submission counter) and a
+    /// 1 MiB `O_DIRECT` file `f` in a fresh directory.
+    fn aio_test_file() -> (
+        std::sync::MutexGuard<'static, ()>,
+        tempfile::TempDir,
+        std::fs::File,
+    ) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let serial = super::super::aio::tests::AIO_COUNTER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.path().join("f"))
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        (serial, dir, f)
+    }
+
     fn iov(buf: &mut [u8]) -> libc::iovec {
         libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -741,20 +766,8 @@ mod tests {
 
     #[test]
     fn aio_writes_land_and_complete_through_the_same_eventfd() {
-        use std::os::unix::fs::OpenOptionsExt;
-        let _serial = super::super::aio::tests::AIO_COUNTER
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let dir = tempfile::tempdir().unwrap();
+        let (_serial, dir, f) = aio_test_file();
         let path = dir.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
-        f.set_len(1 << 20).unwrap();
         let mut e = Engine::new(8, Arc::new(EventFd::new().unwrap())).unwrap();
         let buf = AlignedBuf::new(8192).unwrap();
         // SAFETY: 8192 bytes owned by `buf`.
@@ -800,21 +813,9 @@ mod tests {
     /// are submitted, complete with their own tags and land where asked.
     #[test]
     fn a_batch_of_aio_writes_larger_than_one_submit_all_lands() {
-        use std::os::unix::fs::OpenOptionsExt;
-        let _serial = super::super::aio::tests::AIO_COUNTER
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         const N: usize = 11;
-        let dir = tempfile::tempdir().unwrap();
+        let (_serial, dir, f) = aio_test_file();
         let path = dir.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
-        f.set_len(1 << 20).unwrap();
         let mut e = Engine::new(32, Arc::new(EventFd::new().unwrap())).unwrap();
         let buf = AlignedBuf::new(4096 * N).unwrap();
         let before = super::super::aio::submitted();
