@@ -3,8 +3,6 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PKGS := uml-utilities qemu-system-x86 qemu-utils busybox-static python3 e2fsprogs
-NEED_BINS := uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon qemu-img busybox mkfs.ext4
 
 .PHONY: all build release deps images lint unit test demo bench crash-sweep fuzz clean
 
@@ -16,14 +14,11 @@ build:
 release:
 	$(CARGO) build --release
 
-# Debian packages for the interop and boot tests; apt only when something is missing.
+# Debian packages for the interop, boot and benchmark runs (scripts/deps.sh):
+# apt only when a binary is missing; QEMU from the suite of the installed
+# qemu-utils (bookworm-backports for QEMU 10); never removes or downgrades.
 deps:
-	@missing=0; for b in $(NEED_BINS); do command -v $$b >/dev/null || missing=1; done; \
-	if [ $$missing = 1 ]; then \
-	  echo "installing: $(APT_PKGS)"; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
-	fi
+	scripts/deps.sh
 
 # Guest kernel + initramfs for the boot tests (cached in vm-images/cache).
 images: deps

@@ -10,8 +10,13 @@ Systems:
   ours-cow   vhost-user-ubd, UML COW over the raw base
   ours-raw   vhost-user-ubd, raw file
   qsd-qcow2  qemu-storage-daemon, qcow2 overlay over the same base, the
-             backing declared as its own blockdev with cache.direct=on
-  qsd-raw    qemu-storage-daemon, raw file
+             backing declared as its own blockdev with cache.direct=on,
+             its default set-up: the export on the main loop, aio=native
+  qsd-raw    qemu-storage-daemon, raw file, the same default set-up
+  qsd-qcow2-iot, qsd-raw-iot
+             qemu-storage-daemon's strongest set-up for the same files: the
+             export in an iothread with polling (poll-max-ns=32768) and
+             aio=io_uring on every file blockdev
   limit      the same I/O by io_uring straight at the raw file, no virtio
 
 Environment: BENCH_SECONDS (5), BENCH_REPS (3), BENCH_DIR (bench/work),
@@ -42,7 +47,10 @@ GIB = 1 << 30
 BASE_SIZE = 16 * GIB  # the device: a 16 GiB base ...
 DATA_SIZE = 1 * GIB  # ... whose first GiB holds data (the rest is a hole)
 BASE_MTIME = 1704067200
-SYSTEMS = ["ours-cow", "ours-raw", "qsd-qcow2", "qsd-raw", "limit"]
+SYSTEMS = ["ours-cow", "ours-raw", "qsd-qcow2", "qsd-qcow2-iot", "qsd-raw", "qsd-raw-iot", "limit"]
+SERVERS = [s for s in SYSTEMS if s != "limit"]
+# qemu-storage-daemon's strongest set-up (QEMU 10: one iothread per export).
+IOT_OBJECT = "iothread,id=iot0,poll-max-ns=32768"
 
 # name, mode, bs, queues, depth, files ("data": region with data in the
 # base; "fresh": never-written 16 GiB devices; "rewrite": region already
@@ -123,39 +131,43 @@ def ours(args, sock, logf):
     return Server([UBD, "serve", "--socket", sock, "--cache", "none", "--queues", "2"] + args, sock, logf)
 
 
-def qsd(blockdevs, sock, logf):
+def qsd_cmd(blockdevs, sock, iothread):
     cmd = ["qemu-storage-daemon"]
+    if iothread:
+        cmd += ["--object", IOT_OBJECT]
     for b in blockdevs:
         cmd += ["--blockdev", b]
     cmd += [
         "--export",
         f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
-        "writable=on,num-queues=2",
+        "writable=on,num-queues=2" + (",iothread=iot0" if iothread else ""),
     ]
-    return Server(cmd, sock, logf)
+    return cmd
 
 
-def qsd_raw(path, sock, logf):
-    return qsd(
+def qsd_raw_cmd(path, sock, iothread=False):
+    aio = "io_uring" if iothread else "native"
+    return qsd_cmd(
         [
-            f"driver=file,node-name=file0,filename={path},cache.direct=on,aio=native",
+            f"driver=file,node-name=file0,filename={path},cache.direct=on,aio={aio}",
             "driver=raw,node-name=disk0,file=file0",
         ],
         sock,
-        logf,
+        iothread,
     )
 
 
-def qsd_qcow2(base, ovl, sock, logf):
-    return qsd(
+def qsd_qcow2_cmd(base, ovl, sock, iothread=False):
+    aio = "io_uring" if iothread else "native"
+    return qsd_cmd(
         [
-            f"driver=file,node-name=bfile,filename={base},cache.direct=on,aio=native,read-only=on",
+            f"driver=file,node-name=bfile,filename={base},cache.direct=on,aio={aio},read-only=on",
             "driver=raw,node-name=bimg,file=bfile,read-only=on",
-            f"driver=file,node-name=ofile,filename={ovl},cache.direct=on,aio=native",
+            f"driver=file,node-name=ofile,filename={ovl},cache.direct=on,aio={aio}",
             "driver=qcow2,node-name=disk0,file=ofile,backing=bimg",
         ],
         sock,
-        logf,
+        iothread,
     )
 
 
@@ -169,15 +181,18 @@ def fresh_files(base, tag):
         "ours-cow": os.path.join(d, f"{tag}.cow"),
         "ours-raw": os.path.join(d, f"{tag}.ours.raw"),
         "qsd-qcow2": os.path.join(d, f"{tag}.qcow2"),
+        "qsd-qcow2-iot": os.path.join(d, f"{tag}.iot.qcow2"),
         "qsd-raw": os.path.join(d, f"{tag}.qsd.raw"),
+        "qsd-raw-iot": os.path.join(d, f"{tag}.qsd-iot.raw"),
         "limit": os.path.join(d, f"{tag}.limit.raw"),
     }
     for p in files.values():
         if os.path.exists(p):
             os.unlink(p)
     sh(UBD, "create", files["ours-cow"], base, stderr=subprocess.DEVNULL)
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", files["qsd-qcow2"])
-    for s in ("ours-raw", "qsd-raw", "limit"):
+    for s in ("qsd-qcow2", "qsd-qcow2-iot"):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", files[s])
+    for s in ("ours-raw", "qsd-raw", "qsd-raw-iot", "limit"):
         with open(files[s], "wb") as f:
             f.truncate(BASE_SIZE)
     return files
@@ -244,10 +259,10 @@ def run_one(system, wl, base, rep, files):
         srv = ours(["--cow", files[system]], sock, logf)
     elif system == "ours-raw":
         srv = ours(["--raw", path], sock, logf)
-    elif system == "qsd-qcow2":
-        srv = qsd_qcow2(base, files[system], sock, logf)
+    elif system in ("qsd-qcow2", "qsd-qcow2-iot"):
+        srv = Server(qsd_qcow2_cmd(base, files[system], sock, system.endswith("-iot")), sock, logf)
     else:
-        srv = qsd_raw(path, sock, logf)
+        srv = Server(qsd_raw_cmd(path, sock, system.endswith("-iot")), sock, logf)
     try:
         if kind == "rewrite":
             prefill_region(["--socket", sock], srv.proc.pid, region)
@@ -292,6 +307,21 @@ def med(rs, key):
     return statistics.median(vals) if vals else None
 
 
+RATIOS = [
+    ("ours-cow", "qsd-qcow2"),
+    ("ours-cow", "qsd-qcow2-iot"),
+    ("ours-cow", "qsd-raw"),
+    ("ours-cow", "qsd-raw-iot"),
+    ("ours-raw", "qsd-raw"),
+    ("ours-raw", "qsd-raw-iot"),
+    ("ours-cow", "limit"),
+]
+
+
+def short(system):
+    return system.replace("ours-", "").replace("qsd-", "")
+
+
 def write_report(wls, results, started):
     cpu = ""
     try:
@@ -303,6 +333,8 @@ def write_report(wls, results, started):
     except OSError:
         pass
     qsd_ver = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    threads = max(1, min(2, len(os.sched_getaffinity(0)) // 2))
+    cmdline = lambda c: " ".join(c).replace(WORK + "/", "")  # noqa: E731
     lines = [
         "# Benchmarks",
         "",
@@ -316,19 +348,27 @@ def write_report(wls, results, started):
         "",
         "Devices: a 16 GiB raw base whose first GiB holds random data. `data` workloads use that "
         "GiB (COW and qcow2 read it from the base); `fresh` workloads write never-written 16 GiB "
-        "devices (COW bits / qcow2 clusters / file blocks allocated on the fly); `rewrite` "
-        "workloads write a GiB that was written once before.",
+        "devices (COW bits / qcow2 clusters / file blocks allocated on the fly), one per system; "
+        "`rewrite` workloads write a GiB that was written once before.",
         "",
-        "Servers: ours `vhost-user-ubd serve --queues 2 --cache none` with the default "
-        f"`--threads` ({max(1, min(2, len(os.sched_getaffinity(0)) // 2))} here: one per queue, at most "
-        "half the CPUs); qemu-storage-daemon with one vhost-user-blk export (num-queues=2, served "
-        "by its main loop thread), `cache.direct=on,aio=native` on every file, the qcow2 backing "
-        "declared as its own read-only blockdev.",
+        "Servers (every one with 2 queues):",
+        "",
+        f"- ours-cow / ours-raw: `vhost-user-ubd serve --socket S --cache none --queues 2 --cow C` "
+        f"(or `--raw F`), default `--threads` ({threads} here: one per queue, at most half the CPUs).",
+        "- qsd-qcow2 / qsd-raw, qemu-storage-daemon's default set-up (the export served by its main "
+        "loop, `aio=native`):",
+        f"  `{cmdline(qsd_qcow2_cmd('base.raw', 'ovl.qcow2', 'S'))}`",
+        "- qsd-qcow2-iot / qsd-raw-iot, its strongest set-up (an iothread with polling, `aio=io_uring`; "
+        "QEMU 10 serves an export from one iothread only):",
+        f"  `{cmdline(qsd_qcow2_cmd('base.raw', 'ovl.qcow2', 'S', True))}`",
+        "  (the raw systems: the same without the qcow2 and backing nodes).",
+        "- limit: `ubd-bench --file` doing the same I/O by io_uring straight at a raw file, no virtio.",
         "",
         "## IOPS (median) and ratios",
         "",
-        "| workload | ours-cow | ours-raw | qsd-qcow2 | qsd-raw | limit | cow/qcow2 | cow/qsd-raw | raw/qsd-raw | cow/limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | " + " | ".join(SYSTEMS) + " | "
+        + " | ".join(f"{short(a)}/{short(b)}" for a, b in RATIOS) + " |",
+        "|---|" + "---:|" * (len(SYSTEMS) + len(RATIOS)),
     ]
     for wl in wls:
         name = wl[0]
@@ -339,8 +379,7 @@ def write_report(wls, results, started):
 
         lines.append(
             f"| {name} | " + " | ".join(f"{v[s]:.0f}" if v[s] else "-" for s in SYSTEMS)
-            + f" | {ratio('ours-cow', 'qsd-qcow2')} | {ratio('ours-cow', 'qsd-raw')} | "
-            f"{ratio('ours-raw', 'qsd-raw')} | {ratio('ours-cow', 'limit')} |"
+            + " | " + " | ".join(ratio(a, b) for a, b in RATIOS) + " |"
         )
     lines += [
         "",
@@ -363,13 +402,13 @@ def write_report(wls, results, started):
         "",
         "## Server CPU per I/O (microseconds, median)",
         "",
-        "| workload | ours-cow | ours-raw | qsd-qcow2 | qsd-raw |",
-        "|---|---:|---:|---:|---:|",
+        "| workload | " + " | ".join(SERVERS) + " |",
+        "|---|" + "---:|" * len(SERVERS),
     ]
     for wl in wls:
         name = wl[0]
         cells = []
-        for s in SYSTEMS[:4]:
+        for s in SERVERS:
             c = med(results.get((name, s), []), "cpu_us_per_io")
             cells.append(f"{c:.1f}" if c is not None else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

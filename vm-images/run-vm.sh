@@ -3,14 +3,17 @@
 # listens on SOCK (our daemon, or qemu-storage-daemon), and judge the result.
 #
 # usage: run-vm.sh --socket SOCK --test NAME [--queues N] [--reconnect]
-#                  [--serial-log FILE] [--timeout S] [--append "EXTRA"]
+#                  [--reconnect-ms MS] [--serial-log FILE] [--timeout S] [--append "EXTRA"]
 #                  [--script FILE] [--smp N] [--mem MiB] [--kernel F] [--initrd F]
 #   --socket SOCK      backend's unix socket (must listen, unless --reconnect)
 #   --test NAME        guest/tests/NAME.sh (rw verify ext4 ext4-verify mq reconnect none)
 #   --queues N         vhost-user-blk-pci num-queues (default 1; the backend
 #                      must offer at least N: QEMU exits at once otherwise)
-#   --reconnect        -chardev ...,reconnect=1: QEMU may start before the
-#                      backend and reconnects when it is restarted
+#   --reconnect        QEMU may start before the backend and reconnects when
+#                      it is restarted, retrying every second: -chardev
+#                      ...,reconnect-ms=1000 on QEMU >= 9.2, reconnect=1 before
+#   --reconnect-ms MS  the same, retrying every MS milliseconds (QEMU >= 9.2;
+#                      older QEMU rounds it up to whole seconds)
 #   --serial-log FILE  guest console (default: a new file from mktemp); QEMU's
 #                      own stderr goes to FILE.qemu
 #   --timeout S        host timeout for QEMU (default 60; `timeout -k 5`)
@@ -33,7 +36,7 @@ set -eu -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 usage() { sed -n '2,/^set -eu/{/^#/p}' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-SOCK= TEST= QUEUES=1 RECONNECT=0 LOG= TIMEOUT=60 EXTRA= SCRIPT= SMP=2 MEM=512
+SOCK= TEST= QUEUES=1 RECONNECT=0 RECONNECT_MS=1000 LOG= TIMEOUT=60 EXTRA= SCRIPT= SMP=2 MEM=512
 KERNEL= INITRD=
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,6 +44,7 @@ while [ $# -gt 0 ]; do
     --test) TEST=${2:?}; shift ;;
     --queues) QUEUES=${2:?}; shift ;;
     --reconnect) RECONNECT=1 ;;
+    --reconnect-ms) RECONNECT=1; RECONNECT_MS=${2:?}; shift ;;
     --serial-log) LOG=${2:?}; shift ;;
     --timeout) TIMEOUT=${2:?}; shift ;;
     --append) EXTRA=${2?}; shift ;;
@@ -55,7 +59,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$SOCK" ] && [ -n "$TEST" ] || { echo "run-vm: --socket and --test are required" >&2; usage; }
-case "$QUEUES$TIMEOUT$SMP$MEM" in *[!0-9]*) echo "run-vm: numeric option expected" >&2; exit 2 ;; esac
+case "$QUEUES$TIMEOUT$SMP$MEM$RECONNECT_MS" in *[!0-9]*) echo "run-vm: numeric option expected" >&2; exit 2 ;; esac
 case "$TEST" in *[!A-Za-z0-9_.-]*) echo "run-vm: bad test name $TEST" >&2; exit 2 ;; esac
 
 if [ -z "$KERNEL" ] || [ -z "$INITRD" ]; then
@@ -90,7 +94,16 @@ esac
 
 esc() { printf '%s' "$1" | sed 's/,/,,/g'; }   # QEMU option values: ',' -> ',,'
 CHR="socket,id=vub0,path=$(esc "$SOCK")"
-[ "$RECONNECT" = 1 ] && CHR="$CHR,reconnect=1"
+if [ "$RECONNECT" = 1 ]; then
+  # reconnect-ms arrived in QEMU 9.2 (reconnect=SECONDS is deprecated there).
+  qver=$(qemu-system-x86_64 --version | sed -n '1s/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+  read -r qmaj qmin <<<"${qver:-0 0}"
+  if [ "$qmaj" -gt 9 ] || { [ "$qmaj" = 9 ] && [ "$qmin" -ge 2 ]; }; then
+    CHR="$CHR,reconnect-ms=$RECONNECT_MS"
+  else
+    CHR="$CHR,reconnect=$(( (RECONNECT_MS + 999) / 1000 ))"
+  fi
+fi
 FWCFG=()
 [ -n "$SCRIPT" ] && FWCFG=(-fw_cfg "name=opt/vub/script,file=$(esc "$SCRIPT")")
 
