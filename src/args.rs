@@ -19,7 +19,7 @@ pub struct Args {
 pub enum Command {
     /// Serve a disk to a vhost-user frontend (QEMU vhost-user-blk-pci,
     /// cloud-hypervisor, libblkio) until SIGTERM/SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create a UML COW file over a backing image (same bytes as `uml_mkcow COW BACKING`).
     Create {
         /// Alignment of the bitmap and data areas (uml_mkcow uses 4096).
@@ -102,6 +102,13 @@ pub struct ServeArgs {
     /// one per queue, at most half the CPUs this process may use.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// COW: directory of the crash journal, or `off`. Completed writes are
+    /// recorded there (shared memory, no system call) until their bits are
+    /// durable, so that a daemon killed by -9, a panic or the OOM killer
+    /// loses none of them: the next daemon on the COW replays it. Needs a
+    /// file system with birth times (tmpfs, ext4, xfs, btrfs).
+    #[arg(long, default_value = "/dev/shm", value_name = "DIR|off")]
+    pub crash_journal: String,
     /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
     #[arg(long, default_value_t = 0, hide = true)]
     pub test_bitmap_delay_ms: u64,

@@ -43,7 +43,7 @@ pub enum CliError {
 /// Runs one subcommand.
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     match args.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(*a),
         Command::Create {
             alignment,
             cow,
@@ -147,6 +147,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         bitmap_delay_ms: a.test_bitmap_delay_ms,
         threads: a.threads,
         aio: a.aio,
+        crash_journal: a.crash_journal,
     })?;
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;

@@ -63,6 +63,8 @@ pub struct ServeConfig {
     pub aio: AioMode,
     /// Worker threads (1..=queues).
     pub threads: usize,
+    /// Crash journal directory (`None`: off).
+    pub crash_journal: Option<PathBuf>,
 }
 
 /// A rejected argument.
@@ -104,6 +106,9 @@ pub enum ConfigError {
     /// Checkpoint thresholds of zero.
     #[error("--checkpoint-extents and --checkpoint-ms must be at least 1")]
     Checkpoint,
+    /// The crash journal directory is not a directory.
+    #[error("--crash-journal {0}: not a directory (give an existing directory, e.g. /dev/shm, or 'off')")]
+    CrashJournal(PathBuf),
 }
 
 /// Raw values as parsed by clap, before validation.
@@ -141,6 +146,8 @@ pub struct ServeArgsRaw {
     pub aio: String,
     /// --threads
     pub threads: Option<usize>,
+    /// --crash-journal
+    pub crash_journal: String,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -197,6 +204,17 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
         if a.checkpoint_extents == 0 || a.checkpoint_ms == 0 {
             return Err(ConfigError::Checkpoint);
         }
+        let crash_journal = match a.crash_journal.as_str() {
+            "off" => None,
+            // Only a COW has one; a raw disk ignores it.
+            dir => {
+                let dir = PathBuf::from(dir);
+                if matches!(disk, DiskSpec::Cow { .. }) && !dir.is_dir() {
+                    return Err(ConfigError::CrashJournal(dir));
+                }
+                Some(dir)
+            }
+        };
         let threads = a.threads.unwrap_or_else(|| default_threads(a.queues));
         if threads == 0 || threads > a.queues {
             return Err(ConfigError::Threads(threads, a.queues));
@@ -216,6 +234,7 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             bitmap_write_delay: Duration::from_millis(a.bitmap_delay_ms),
             aio,
             threads,
+            crash_journal,
         })
     }
 }
@@ -249,6 +268,7 @@ impl ServeConfig {
             bitmap_write_delay: self.bitmap_write_delay,
             aio: self.aio,
             observer: None,
+            journal_dir: self.crash_journal.clone(),
         }
     }
 }
@@ -268,6 +288,7 @@ mod tests {
             threads: None,
             checkpoint_extents: 10,
             checkpoint_ms: 10,
+            crash_journal: "off".into(),
             ..ServeArgsRaw::default()
         }
     }
@@ -336,6 +357,20 @@ mod tests {
             ConfigError::Aio("threads".into())
         );
         assert_eq!(e(|a| a.checkpoint_ms = 0), ConfigError::Checkpoint);
+        let mut a = good();
+        a.crash_journal = "/dev/shm".into();
+        assert_eq!(
+            ServeConfig::try_from(a).unwrap().crash_journal,
+            Some("/dev/shm".into())
+        );
+        assert_eq!(
+            e(|a| {
+                a.raw = None;
+                a.cow = Some(std::env::temp_dir());
+                a.crash_journal = "/nonexistent/j".into();
+            }),
+            ConfigError::CrashJournal("/nonexistent/j".into())
+        );
         assert_eq!(e(|a| a.threads = Some(0)), ConfigError::Threads(0, 1));
         assert_eq!(e(|a| a.threads = Some(2)), ConfigError::Threads(2, 1));
         assert_eq!(

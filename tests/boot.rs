@@ -470,6 +470,9 @@ impl Scenario {
             .arg(&self.cow)
             .arg("--queues")
             .arg(queues.to_string())
+            // The scenario's own directory, never the shared /dev/shm.
+            .arg("--crash-journal")
+            .arg(&self.path)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),

@@ -148,10 +148,17 @@ impl Bitmap {
 
     /// Number of sectors whose bit is set (bits past `nsect` ignored).
     pub fn count_set(&self) -> u64 {
+        self.count_set_bytes(0..self.len())
+    }
+
+    /// Number of bits set in bitmap bytes `bytes` (bits past `nsect`
+    /// ignored).
+    pub fn count_set_bytes(&self, bytes: Range<u64>) -> u64 {
         let mut n = 0u64;
-        for (i, b) in self.bytes.iter().enumerate() {
+        for i in bytes.start..bytes.end.min(self.len()) {
+            let Some(b) = self.byte(i) else { break };
             let mut v = b.load(Ordering::Relaxed);
-            let first = (i as u64).saturating_mul(8);
+            let first = i.saturating_mul(8);
             if first.saturating_add(8) > self.nsect {
                 let valid = self.nsect.saturating_sub(first);
                 v &= ((1u16 << valid) - 1) as u8;

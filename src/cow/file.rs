@@ -323,6 +323,8 @@ pub struct CowFile {
     pub backing_direct: bool,
     /// The bitmap as read from the file.
     pub bitmap: Bitmap,
+    /// Bits set in the file's bitmap when it was opened.
+    pub bits_at_open: u64,
 }
 
 fn open_maybe_direct(path: &Path, write: bool, direct: bool) -> io::Result<(File, bool)> {
@@ -511,8 +513,9 @@ impl CowFile {
         } else {
             (data_fd, direct)
         };
-        let bitmap = load_bitmap(&meta_fd, path, &geometry)?;
+        let (bitmap, bits_at_open) = load_bitmap(&meta_fd, path, &geometry)?;
         Ok(Self {
+            bits_at_open,
             path: path.to_path_buf(),
             backing_path,
             header,
@@ -528,7 +531,8 @@ impl CowFile {
 }
 
 /// Reads the on-disk bitmap into memory.
-pub fn load_bitmap(file: &File, path: &Path, g: &Geometry) -> Result<Bitmap, CowFileError> {
+/// Returns it with the number of bits set in it.
+pub fn load_bitmap(file: &File, path: &Path, g: &Geometry) -> Result<(Bitmap, u64), CowFileError> {
     let read_err = |e| CowFileError::Read {
         path: path.to_path_buf(),
         what: "bitmap",
@@ -544,14 +548,27 @@ pub fn load_bitmap(file: &File, path: &Path, g: &Geometry) -> Result<Bitmap, Cow
     // are never touched, so a fresh (sparse) COW of 1 TiB starts without
     // reading or faulting in its 256 MiB of zeros.
     let mut bytes = vec![0u8; len];
-    read_data_regions(file, &mut bytes, g.bitmap_offset).map_err(read_err)?;
-    Ok(Bitmap::from_bytes(bytes, g.nsect))
+    let spans = read_data_regions(file, &mut bytes, g.bitmap_offset).map_err(read_err)?;
+    let bitmap = Bitmap::from_bytes(bytes, g.nsect);
+    // Bits set on disk, counted where data was read (holes are clear): the
+    // crash journal checks it against what it saw.
+    let bits = spans
+        .iter()
+        .map(|r| bitmap.count_set_bytes(r.start as u64..r.end as u64))
+        .sum();
+    Ok((bitmap, bits))
 }
 
 /// Fills `buf` from `file` at `offset`, reading only the ranges that hold
 /// data (`SEEK_DATA`/`SEEK_HOLE`); holes read as zeros, which `buf` holds
 /// already. Falls back to one read where the file system cannot tell.
-fn read_data_regions(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+/// Returns the byte ranges of `buf` that were read (the rest is zero).
+pub fn read_data_regions(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+) -> io::Result<Vec<std::ops::Range<usize>>> {
+    let mut spans = Vec::new();
     let end = offset.saturating_add(buf.len() as u64);
     let seek = |pos: u64, whence: i32| -> io::Result<Option<u64>> {
         let Ok(p) = libc::off_t::try_from(pos) else {
@@ -573,12 +590,12 @@ fn read_data_regions(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
         let data = match seek(pos, libc::SEEK_DATA) {
             Ok(Some(d)) => d,
             // No data at or after `pos`: the rest is a hole.
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(spans),
             // SEEK_DATA unsupported here: read everything left.
             Err(_) => pos,
         };
         if data >= end {
-            return Ok(());
+            return Ok(spans);
         }
         let hole = seek(data, libc::SEEK_HOLE)
             .ok()
@@ -595,9 +612,10 @@ fn read_data_regions(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bitmap range"));
         };
         file.read_exact_at(dst, data)?;
+        spans.push(from..to);
         pos = hole;
     }
-    Ok(())
+    Ok(spans)
 }
 
 /// The state of a COW's backing file, as `info` reports it.
@@ -653,7 +671,7 @@ pub fn inspect(path: &Path, backing_override: Option<&Path>) -> Result<CowReport
     };
     let file = File::open(path).map_err(open_err)?;
     let (header, geometry, file_len) = read_layout(&file, path)?;
-    let bitmap = load_bitmap(&file, path, &geometry)?;
+    let (bitmap, _) = load_bitmap(&file, path, &geometry)?;
     let backing_path =
         backing_override.map_or_else(|| header.backing_file.clone(), Path::to_path_buf);
     let backing = match std::fs::metadata(&backing_path) {

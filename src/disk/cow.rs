@@ -35,8 +35,10 @@ use super::{
     check_request,
     durability::{self, Channel, Cmd, Mailbox, Reply},
     extents::ExtentSet,
-    file_id, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, DiskStats, IoVecs, Op,
-    Request, Submitted, SECTOR,
+    file_id,
+    journal::Journal,
+    Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, DiskStats, IoVecs, Op, Request,
+    Submitted, SECTOR,
 };
 use crate::{
     cow::{CowFile, OpenCow},
@@ -99,6 +101,9 @@ pub struct CowShared {
     pub backing_changed: AtomicBool,
     /// Counters.
     pub stats: Stats,
+    /// The crash journal: completed writes whose bits are not durable yet,
+    /// kept where a process crash cannot reach them.
+    pub journal: Option<Journal>,
     zeros: AlignedBuf,
 }
 
@@ -143,9 +148,34 @@ impl CowDisk {
             direct: file.direct,
         };
         let event = Arc::new(EventFd::new().map_err(setup)?);
+        let mut state = CowState::default();
+        let journal = match &opts.journal_dir {
+            None => None,
+            Some(dir) => match Journal::open(dir, &file, opts.readonly) {
+                Ok(opened) => {
+                    if !opened.recovered.is_empty() {
+                        for r in opened.recovered {
+                            state.unpersisted.insert(r);
+                        }
+                        // A checkpoint gives them their bits soon.
+                        state.since = Some(Instant::now());
+                    }
+                    opened.journal
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{e}; serving without a crash journal: if this daemon dies, writes \
+                         completed since the last flush may read back as the base's data \
+                         (use --crash-journal DIR on a file system that has birth times, \
+                         e.g. tmpfs or ext4)"
+                    );
+                    None
+                }
+            },
+        };
         let shared = Arc::new(CowShared {
             info,
-            state: Mutex::new(CowState::default()),
+            state: Mutex::new(state),
             writeback: AtomicBool::new(opts.writeback),
             closed: AtomicBool::new(false),
             opts: opts.clone(),
@@ -153,6 +183,7 @@ impl CowDisk {
             writes_since_sync: AtomicU64::new(0),
             backing_changed: AtomicBool::new(false),
             stats: Stats::default(),
+            journal,
             zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
             file,
         });
@@ -243,7 +274,13 @@ impl Disk for CowDisk {
             source: std::io::Error::from_raw_os_error(errno),
         };
         match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                // Every completed write is durable with its bits.
+                if let Some(j) = &self.shared.journal {
+                    j.remove();
+                }
+                Ok(())
+            }
             Ok(Err(errno)) => Err(persist(errno)),
             Err(_) => Err(persist(libc::ETIMEDOUT)),
         }
@@ -506,6 +543,11 @@ impl CowQueue {
             return;
         }
         if !bits.is_empty() {
+            // Before the completion is posted: a daemon crash from here on
+            // must not lose this write (see `journal`).
+            if let Some(j) = &shared.journal {
+                j.record(bits.clone());
+            }
             let mut kick = false;
             if let Ok(mut s) = shared.state.lock() {
                 s.unpersisted.insert(bits);

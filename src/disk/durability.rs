@@ -33,7 +33,7 @@ use std::{
 };
 
 use super::{
-    bitmap_writeback::{BitmapWriteback, Queued},
+    bitmap_writeback::{BitmapWriteback, Issued, Queued},
     cow::CowShared,
     Completion,
 };
@@ -616,6 +616,7 @@ impl Meta {
                 }
             }
         }
+        self.announce(&issued);
         for w in issued {
             self.issue(w.id, w.ptr, w.bytes.end - w.bytes.start, w.file_offset);
         }
@@ -626,6 +627,19 @@ impl Meta {
             } else {
                 Phase::Bitmaps
             };
+        }
+    }
+
+    /// The crash journal learns how many bits may reach the file before the
+    /// writes that carry them are issued.
+    fn announce(&self, writes: &[Issued<u64>]) {
+        if let Some(j) = &self.shared.journal {
+            let n = writes
+                .iter()
+                .flat_map(|w| w.sectors.iter())
+                .map(|r| r.end.saturating_sub(r.start))
+                .sum();
+            j.raise_max(n);
         }
     }
 
@@ -669,6 +683,7 @@ impl Meta {
         }
         // R4: parked reads may go now.
         shared.channel.wake_parked();
+        self.announce(&released);
         for w in released {
             self.issue(w.id, w.ptr, w.bytes.end - w.bytes.start, w.file_offset);
         }

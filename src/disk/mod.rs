@@ -16,6 +16,7 @@ pub mod bitmap_writeback;
 pub mod cow;
 pub mod durability;
 pub mod extents;
+pub mod journal;
 pub mod raw;
 
 use std::{
@@ -306,6 +307,10 @@ pub struct DiskOptions {
     /// Recording layer: sees every write and sync of the disk's files
     /// (crash-state exploration). `None` in production.
     pub observer: Option<Observer>,
+    /// Directory of the COW crash journal (see `journal`); `None`: no
+    /// journal, so a process crash loses the bits of completed writes that
+    /// were not flushed yet.
+    pub journal_dir: Option<PathBuf>,
 }
 
 /// Which interface carries `O_DIRECT` data writes (`--cache none`; not the
@@ -353,6 +358,7 @@ impl Default for DiskOptions {
             bitmap_write_delay: Duration::ZERO,
             aio: AioMode::Native,
             observer: None,
+            journal_dir: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! COW durability thread); nothing here knows about COW or virtio.
 
 pub mod aio;
+pub mod shm;
 pub mod uring;
 
 pub use uring::{AlignedBuf, Engine, EventFd, IoDone, IoKind, IoObserver, IoOp};

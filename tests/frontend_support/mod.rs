@@ -107,6 +107,9 @@ impl Daemon {
             .arg(&socket)
             .args(args)
             .args(extra)
+            // The test's own directory, never the shared /dev/shm.
+            .arg("--crash-journal")
+            .arg(dir.path())
             .env(
                 "RUST_LOG",
                 std::env::var("VUB_TEST_LOG").unwrap_or_else(|_| "info".into()),

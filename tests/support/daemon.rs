@@ -152,8 +152,15 @@ impl DaemonBuilder {
         cmd.arg("serve")
             .arg("--socket")
             .arg(&socket)
-            .args(&self.args)
-            .env("RUST_LOG", rust_log)
+            .args(&self.args);
+        // The crash journal goes in the test's own directory (never the
+        // shared /dev/shm), the same for every daemon of one test.
+        if !self.args.iter().any(|a| a == "--crash-journal") {
+            let j = self.dir.join("journal");
+            std::fs::create_dir_all(&j).unwrap_or_else(|e| panic!("{}: {e}", j.display()));
+            cmd.arg("--crash-journal").arg(&j);
+        }
+        cmd.env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
