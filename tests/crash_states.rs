@@ -167,6 +167,10 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
             max_pending_extents: w.checkpoint_extents,
             max_pending_age: Duration::from_secs(3600),
             observer: Some(Observer(rec.clone())),
+            // The crash journal is on, as in production: it must not change
+            // what reaches the COW file (R5 is checked on that alone; a
+            // power loss takes the journal's tmpfs with it).
+            journal_dir: Some(dir.path().to_path_buf()),
             ..DiskOptions::default()
         },
     )
@@ -276,8 +280,29 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
         }
     }
     drop(q);
+    let journals = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "journal"))
+            })
+            .count()
+    };
+    assert_eq!(
+        journals(),
+        1,
+        "{}: the crash journal was not in place",
+        w.name
+    );
     disk.shutdown().unwrap();
     drop(disk);
+    assert_eq!(
+        journals(),
+        0,
+        "{}: a clean shutdown keeps the journal",
+        w.name
+    );
     let log = rec.log.lock().unwrap().clone();
     let backing = std::fs::read(&base).unwrap();
     let _ = w.name;
