@@ -109,6 +109,7 @@ fn check(path: &Path, backing: Option<&Path>) -> ExitCode {
         backing: backing.map(Path::to_path_buf),
         direct: false,
         no_lock: false,
+        lock_wait: std::time::Duration::ZERO,
     };
     match CowFile::open(path, &opts) {
         Ok(f) => {

@@ -239,6 +239,12 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
     }
 }
 
+/// How long `serve` waits for a COW lock held by another open file
+/// description: a daemon killed with -9 holds its lock until the kernel has
+/// finished its in-flight I/O (measured here: a restart right after the kill
+/// found the lock still held), and a supervisor restarts it at once.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// Default worker threads: one per queue, but at most half the CPUs this
 /// process may run on (at least one). The guest's vCPUs, or a local client,
 /// need the other half; more threads than that only add wake-ups and
@@ -269,6 +275,7 @@ impl ServeConfig {
             aio: self.aio,
             observer: None,
             journal_dir: self.crash_journal.clone(),
+            lock_wait: LOCK_WAIT,
         }
     }
 }

@@ -380,6 +380,30 @@ fn a_cow_in_use_is_refused() {
     child.wait().unwrap();
     let ok = open_cow(&cow, &opts(None)).unwrap();
     ok.shutdown().unwrap();
+    drop(ok);
+
+    // A lock held by another open file description that goes away soon (a
+    // daemon killed a moment ago, its in-flight I/O still draining) is
+    // waited for, within `lock_wait`; a POSIX holder (UML) never is.
+    let holder = open_cow(&cow, &opts(None)).unwrap();
+    let waiting = DiskOptions {
+        lock_wait: Duration::from_secs(10),
+        ..opts(None)
+    };
+    let t = std::time::Instant::now();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        holder.shutdown().unwrap();
+        drop(holder);
+    });
+    let d = open_cow(&cow, &waiting).expect("the lock is taken once its holder lets go");
+    let waited = t.elapsed();
+    release.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "waited {waited:?}"
+    );
+    d.shutdown().unwrap();
 }
 
 #[test]

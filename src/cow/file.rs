@@ -130,6 +130,10 @@ pub enum CowFileError {
         path: PathBuf,
         /// Who holds it, as far as the kernel says.
         holder: String,
+        /// The holder is an open file description (another vhost-user-ubd,
+        /// possibly one that just died: its in-flight I/O keeps the
+        /// description, and so the lock, until it completes).
+        ofd: bool,
     },
     /// Taking a lock failed for another reason.
     #[error("cannot lock {path}: {source}")]
@@ -190,7 +194,8 @@ pub fn ofd_lock(
             let mut probe = flock(kind);
             // SAFETY: as above; F_OFD_GETLK fills in the struct we own.
             let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &raw mut probe) };
-            let holder = if rc == 0 && probe.l_pid > 0 {
+            let posix = rc == 0 && probe.l_pid > 0;
+            let holder = if posix {
                 format!("process {} (a POSIX lock, e.g. UML)", probe.l_pid)
             } else {
                 "another open file description (an OFD lock, e.g. another vhost-user-ubd)".into()
@@ -199,6 +204,7 @@ pub fn ofd_lock(
                 role,
                 path: path.to_path_buf(),
                 holder,
+                ofd: !posix,
             })
         }
         _ => Err(CowFileError::Lock {
@@ -297,6 +303,53 @@ pub struct OpenCow {
     pub direct: bool,
     /// Skip locking (for `info` on a COW in use).
     pub no_lock: bool,
+    /// How long to wait for an OFD lock held by another open file
+    /// description. A daemon killed with -9 keeps its lock until the kernel
+    /// has finished (or cancelled) the I/O it had in flight, which can
+    /// outlive the process by a few milliseconds to seconds; a restarted
+    /// daemon waits for that instead of failing. POSIX holders (UML) are
+    /// not waited for.
+    pub lock_wait: std::time::Duration,
+}
+
+/// Takes the OFD lock, waiting up to `wait` while another open file
+/// description holds it.
+fn ofd_lock_waiting(
+    file: &File,
+    path: &Path,
+    write: bool,
+    role: &'static str,
+    wait: std::time::Duration,
+) -> Result<(), CowFileError> {
+    let start = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        match ofd_lock(file, path, write, role) {
+            Err(CowFileError::Locked { ofd: true, .. }) if start.elapsed() < wait => {
+                if !told {
+                    log::info!(
+                        "{role} {}: locked by another open file description; waiting up to {} s \
+                         (a daemon that just died keeps its lock until its in-flight I/O ends)",
+                        path.display(),
+                        wait.as_secs()
+                    );
+                    told = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(()) => {
+                if told {
+                    log::info!(
+                        "{role} {}: lock taken after {} ms",
+                        path.display(),
+                        start.elapsed().as_millis()
+                    );
+                }
+                return Ok(());
+            }
+            other => return other,
+        }
+    }
 }
 
 /// An open, checked and locked COW file with its bitmap loaded.
@@ -456,7 +509,7 @@ impl CowFile {
             .open(path)
             .map_err(open_err)?;
         if !opts.no_lock {
-            ofd_lock(&meta_fd, path, !opts.readonly, "COW file")?;
+            ofd_lock_waiting(&meta_fd, path, !opts.readonly, "COW file", opts.lock_wait)?;
         }
         let (header, geometry, _) = read_layout(&meta_fd, path)?;
 

@@ -125,6 +125,7 @@ impl CowDisk {
                 backing: opts.backing.clone(),
                 direct: opts.direct,
                 no_lock: false,
+                lock_wait: opts.lock_wait,
             },
         )?;
         let setup = |e| DiskError::Setup {

@@ -311,6 +311,10 @@ pub struct DiskOptions {
     /// journal, so a process crash loses the bits of completed writes that
     /// were not flushed yet.
     pub journal_dir: Option<PathBuf>,
+    /// How long opening a COW waits for a lock held by another open file
+    /// description (a daemon killed a moment ago whose in-flight I/O is
+    /// still draining); see `OpenCow::lock_wait`.
+    pub lock_wait: Duration,
 }
 
 /// Which interface carries `O_DIRECT` data writes (`--cache none`; not the
@@ -359,6 +363,7 @@ impl Default for DiskOptions {
             aio: AioMode::Native,
             observer: None,
             journal_dir: None,
+            lock_wait: Duration::ZERO,
         }
     }
 }
