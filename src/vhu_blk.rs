@@ -136,6 +136,11 @@ struct Slot {
 
 /// Per-queue state, owned by that queue's epoll thread.
 struct Worker {
+    /// The virtqueue's index (for logs).
+    index: usize,
+    /// The guest broke this ring (its available index is impossible): the
+    /// queue takes no more requests until the frontend sets it up again.
+    broken: bool,
     queue: Box<dyn DiskQueue>,
     slots: VecDeque<Slot>,
     /// Sequence number of `slots[0]`; disk tags are sequence numbers.
@@ -163,24 +168,33 @@ impl Worker {
     }
 
     /// Waits for every disk request and forgets every slot (disconnect or
-    /// reset: the ring they belong to is gone).
+    /// reset: the ring they belong to is gone). The slots keep the guest
+    /// memory their requests' iovecs point into mapped, so they are only
+    /// dropped once the kernel is done with those iovecs: a stuck request is
+    /// logged and waited for, never abandoned on a timeout.
     fn discard_all(&mut self) {
         self.parked.clear();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.queue.in_flight() > 0 && Instant::now() < deadline {
+        let start = Instant::now();
+        let mut next_report = Duration::from_secs(60);
+        while self.queue.in_flight() > 0 {
             let _ = self.queue.commit();
             self.queue.wait(Some(Duration::from_millis(100)));
             self.queue.poll(&mut self.done);
             self.done.clear();
-        }
-        if self.queue.in_flight() > 0 {
-            log::error!(
-                "{} disk requests still in flight after 60 s",
-                self.queue.in_flight()
-            );
+            if self.queue.in_flight() > 0 && start.elapsed() >= next_report {
+                log::error!(
+                    "queue {}: {} disk requests still in flight after {} s; waiting for them \
+                     (the kernel may still use their guest memory)",
+                    self.index,
+                    self.queue.in_flight(),
+                    start.elapsed().as_secs()
+                );
+                next_report += Duration::from_secs(60);
+            }
         }
         self.slots.clear();
         self.base_seq = self.next_seq;
+        self.broken = false;
     }
 }
 
@@ -237,8 +251,10 @@ impl BlkBackend {
     /// A backend with one disk queue per virtqueue.
     pub fn new(disk: Arc<dyn Disk>, cfg: BlkConfig) -> Result<Self, crate::disk::DiskError> {
         let mut workers = Vec::new();
-        for _ in 0..cfg.queues {
+        for index in 0..cfg.queues {
             workers.push(Mutex::new(Worker {
+                index,
+                broken: false,
                 queue: disk.new_queue()?,
                 slots: VecDeque::new(),
                 base_seq: 0,
@@ -436,12 +452,33 @@ impl BlkBackend {
             if self.stopping.load(Ordering::Acquire) {
                 break false;
             }
+            if w.broken {
+                break false;
+            }
             let chain = {
                 let mut state = vring.get_mut();
                 if !state.get_queue().ready() {
                     break false;
                 }
-                state.get_queue_mut().pop_descriptor_chain(mem.clone())
+                let q = state.get_queue_mut();
+                let chain = q.pop_descriptor_chain(mem.clone());
+                if chain.is_none() {
+                    // virtio-queue answers None both for an empty ring and
+                    // for one the guest broke (and logs the latter on every
+                    // call): tell them apart once, here.
+                    if let Some(why) = broken_ring(q, mem.as_ref()) {
+                        w.broken = true;
+                        log::error!(
+                            "{}: queue {}: the guest broke its ring: {why}. The queue takes no \
+                             more requests until the frontend sets it up again (a device reset \
+                             or a reconnect); the other queues go on",
+                            self.disk.info().path.display(),
+                            w.index
+                        );
+                        break false;
+                    }
+                }
+                chain
             };
             let Some(chain) = chain else {
                 break true;
@@ -743,6 +780,44 @@ impl BlkBackend {
     }
 }
 
+/// A region mapped past the end of its file would kill the daemon with
+/// SIGBUS at the first access there (vm-memory does not check): refuse the
+/// table. A file that shrinks later is not caught here; regions of sealed
+/// memfds (F_SEAL_SHRINK, QEMU's default `seal=on`) cannot shrink.
+fn check_regions(mem: &Mem) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::GuestMemoryRegion;
+    for r in mem.iter() {
+        let Some(fo) = r.file_offset() else {
+            continue;
+        };
+        let file_len = fo.file().metadata()?.len();
+        let end = fo.start().checked_add(r.len());
+        if end.is_none_or(|e| e > file_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "region at guest address {:#x} maps {} bytes from offset {} of a file of {} \
+                     bytes: touching its end would be SIGBUS",
+                    r.start_addr().0,
+                    r.len(),
+                    fo.start(),
+                    file_len
+                ),
+            ));
+        }
+        // SAFETY: F_GET_SEALS reads no memory of ours; the fd is valid.
+        let seals = unsafe { libc::fcntl(fo.file().as_raw_fd(), libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 {
+            log::debug!(
+                "region at guest address {:#x}: its file is not sealed against shrinking",
+                r.start_addr().0
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Offset into the device config. cloud-hypervisor addresses the config
 /// space as in virtio-pci, starting at `VHOST_USER_CONFIG_OFFSET` (0x100);
 /// QEMU and libblkio start at 0.
@@ -752,6 +827,28 @@ fn config_offset(offset: u32) -> u32 {
         offset - VHOST_USER_CONFIG_OFFSET
     } else {
         offset
+    }
+}
+
+/// Why a ring from which nothing could be popped is broken, if it is: its
+/// available index is unreadable, or ahead of the next index to pop (an
+/// empty ring has them equal; more than the queue size ahead, or behind, is
+/// impossible for a correct driver).
+fn broken_ring(q: &virtio_queue::Queue, mem: &Mem) -> Option<String> {
+    match q.avail_idx(mem, Ordering::Acquire) {
+        Err(e) => Some(format!("its available index cannot be read ({e})")),
+        Ok(avail) => {
+            let ahead = avail.0.wrapping_sub(q.next_avail());
+            (ahead != 0).then(|| {
+                format!(
+                    "its available index {} is {ahead} entries ahead of the next one to pop ({}) \
+                     in a queue of {} (or behind it), and no request could be taken",
+                    avail.0,
+                    q.next_avail(),
+                    q.size()
+                )
+            })
+        }
     }
 }
 
@@ -878,12 +975,23 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Gm) -> io::Result<()> {
+        let checked = check_regions(&mem.memory());
         let mut m = self
             .mem
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *m = Some(mem);
-        Ok(())
+        match checked {
+            Ok(()) => {
+                *m = Some(mem);
+                Ok(())
+            }
+            Err(e) => {
+                // Serve nothing from this table (nor the previous one).
+                *m = None;
+                log::error!("memory table refused: {e}");
+                Err(e)
+            }
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -916,6 +1024,9 @@ impl VhostUserBackend for BlkBackend {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        // The frontend stops the ring; it sets it up again before the next
+        // kick, so a broken one gets a new chance.
+        lock(w).broken = false;
         Ok(())
     }
 

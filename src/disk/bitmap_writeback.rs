@@ -63,9 +63,16 @@ unsafe impl<T: Send> Send for Issued<T> {}
 struct Waiting<T> {
     id: WriteId,
     bytes: Range<u64>,
+    /// Where the bytes are in memory, found at submit: a write that waits
+    /// can always be issued later (no fallible step after its bits are set).
+    ptr: *const u8,
     sectors: Vec<Range<u64>>,
     tag: T,
 }
+
+// SAFETY: as for `Issued`: `ptr` points into the bitmap's heap allocation,
+// which outlives the scheduler's use of it; it is only read through.
+unsafe impl<T: Send> Send for Waiting<T> {}
 
 /// What became of a submitted bitmap write.
 #[derive(Debug)]
@@ -156,30 +163,23 @@ impl<T> BitmapWriteback<T> {
         self.overlaps_pending(bytes) || self.waiting.iter().any(|w| overlaps(&w.bytes, bytes))
     }
 
-    fn issue(
-        &mut self,
-        bitmap: &Bitmap,
-        geometry: &Geometry,
-        id: WriteId,
-        bytes: Range<u64>,
-        sectors: Vec<Range<u64>>,
-        tag: T,
-    ) -> Option<Issued<T>> {
+    /// Hands a write out for issue. Infallible: everything that can fail
+    /// (the range, the pointer) was checked in `submit`, before any bit.
+    fn issue(&mut self, bitmap: &Bitmap, geometry: &Geometry, w: Waiting<T>) -> Issued<T> {
         // R2: the bits are set now, just before the write is issued.
-        for s in &sectors {
+        for s in &w.sectors {
             bitmap.set_range(s.clone());
         }
-        let ptr = bitmap.as_ptr(bytes.clone())?;
-        self.pending.insert(bytes.start, (bytes.end, id));
-        self.pending_ids.insert(id, bytes.start);
-        Some(Issued {
-            id,
-            file_offset: geometry.bitmap_offset.saturating_add(bytes.start),
-            bytes,
-            ptr,
-            sectors,
-            tag,
-        })
+        self.pending.insert(w.bytes.start, (w.bytes.end, w.id));
+        self.pending_ids.insert(w.id, w.bytes.start);
+        Issued {
+            id: w.id,
+            file_offset: geometry.bitmap_offset.saturating_add(w.bytes.start),
+            bytes: w.bytes,
+            ptr: w.ptr,
+            sectors: w.sectors,
+            tag: w.tag,
+        }
     }
 
     /// Submits a write of bitmap bytes `bytes` carrying the bits of
@@ -204,21 +204,23 @@ impl<T> BitmapWriteback<T> {
         {
             return Err(tag);
         }
+        let Some(ptr) = bitmap.as_ptr(bytes.clone()) else {
+            return Err(tag);
+        };
         let id = self.next_id;
         self.next_id += 1;
-        if self.blocked(&bytes) {
-            self.waiting.push_back(Waiting {
-                id,
-                bytes,
-                sectors,
-                tag,
-            });
+        let w = Waiting {
+            id,
+            bytes,
+            ptr,
+            sectors,
+            tag,
+        };
+        if self.blocked(&w.bytes) {
+            self.waiting.push_back(w);
             return Ok(Queued::Wait(id));
         }
-        match self.issue(bitmap, geometry, id, bytes, sectors, tag) {
-            Some(w) => Ok(Queued::Issue(w)),
-            None => Ok(Queued::Wait(id)),
-        }
+        Ok(Queued::Issue(self.issue(bitmap, geometry, w)))
     }
 
     /// Marks a pending write complete and issues the waiting writes it
@@ -246,10 +248,8 @@ impl<T> BitmapWriteback<T> {
             if self.overlaps_pending(&w.bytes) || ahead.intersects(w.bytes.clone()) {
                 ahead.insert(w.bytes.clone());
                 still.push_back(w);
-            } else if let Some(issued) =
-                self.issue(bitmap, geometry, w.id, w.bytes, w.sectors, w.tag)
-            {
-                released.push(issued);
+            } else {
+                released.push(self.issue(bitmap, geometry, w));
             }
         }
         self.waiting = still;
@@ -350,6 +350,30 @@ mod tests {
         assert!(wb.complete(&bm, &g, released[0].id).is_empty());
         assert!(wb.is_idle());
         assert_eq!(wb.completed(), 2);
+    }
+
+    #[test]
+    fn a_write_that_could_not_be_issued_is_refused_before_any_bit() {
+        // A memory bitmap shorter than the file's (should the two ever
+        // disagree): bytes past its end have no pointer.
+        let (_, g) = setup(2048);
+        let bm = Bitmap::from_bytes(vec![], 1024);
+        assert!(g.bitmap_len > bm.len());
+        let mut wb = BitmapWriteback::new();
+        let past = bm.len()..bm.len() + 1;
+        assert_eq!(wb.submit(&bm, &g, past, vec![], 'x').err(), Some('x'));
+        // A refused write neither waits (it would wait forever: nothing
+        // would ever complete it) nor leaves anything pending.
+        assert!(wb.is_idle());
+        let a = wb.submit(&bm, &g, 0..2, vec![0..8], 'a').unwrap().unwrap();
+        let tail = bm.len() - 1..bm.len() + 1;
+        assert_eq!(
+            wb.submit(&bm, &g, tail, vec![1016..1024], 'y').err(),
+            Some('y')
+        );
+        assert!(!bm.test(1016), "no bit of a refused write is set");
+        assert!(wb.complete(&bm, &g, a.id).is_empty());
+        assert!(wb.is_idle());
     }
 
     #[test]

@@ -670,7 +670,7 @@ impl DiskQueue for CowQueue {
                 if d.result < 0 {
                     let errno = i32::try_from(-d.result).unwrap_or(libc::EIO);
                     match slot.zero_fallback.take() {
-                        Some(r) if errno == libc::EOPNOTSUPP => fallback = Some(r),
+                        Some(r) if super::punch_unsupported(errno) => fallback = Some(r),
                         _ => slot.err = Some(errno),
                     }
                 } else {

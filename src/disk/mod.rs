@@ -402,6 +402,14 @@ pub fn file_id(meta: &std::fs::Metadata) -> String {
     format!("ubd-{:x}-{:x}", meta.dev(), meta.ino())
 }
 
+/// Whether a failed `fallocate` (hole punch or zero range) means "not
+/// here": the file system cannot do it (EOPNOTSUPP), or not for this range
+/// or descriptor (EINVAL, e.g. some file systems with `O_DIRECT`). Both the
+/// raw and the COW disk then write zeros instead.
+pub fn punch_unsupported(errno: i32) -> bool {
+    errno == libc::EOPNOTSUPP || errno == libc::EINVAL
+}
+
 /// Validates a request against the device; returns an errno on failure.
 pub fn check_request(op: &Op, info: &DiskInfo) -> Result<(), i32> {
     if info.readonly && op.is_write() {

@@ -379,7 +379,7 @@ impl DiskQueue for RawQueue {
                 if d.result < 0 {
                     let errno = i32::try_from(-d.result).unwrap_or(libc::EIO);
                     match slot.zero_fallback.take() {
-                        Some(range) if errno == libc::EOPNOTSUPP || errno == libc::EINVAL => {
+                        Some(range) if super::punch_unsupported(errno) => {
                             fallback = Some(range);
                         }
                         _ => slot.err = Some(errno),

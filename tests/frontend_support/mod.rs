@@ -171,6 +171,28 @@ impl Daemon {
         Watchdog { _tx: tx, fired }
     }
 
+    /// The daemon's pid (while it runs).
+    pub fn pid(&self) -> Option<libc::pid_t> {
+        *self.pid.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// CPU time (user + system, all threads) the daemon used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.pid().expect("daemon running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        // Fields after the command name (which is in parentheses).
+        let rest = stat.rsplit(')').next().unwrap_or_default();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis((f.iter().sum::<u64>()) * 1000 / hz)
+    }
+
     /// Sends SIGTERM.
     pub fn term(&self) {
         let pid = self.pid.lock().unwrap_or_else(PoisonError::into_inner);

@@ -80,6 +80,19 @@ impl GuestMem {
         }
     }
 
+    /// Truncates region `i`'s memfd to `len` bytes after it was mapped, as a
+    /// hostile frontend could (our own mapping past `len` must then not be
+    /// touched).
+    pub fn shrink_file(&self, i: usize, len: u64) {
+        use vm_memory::GuestMemoryRegion;
+        let r = self.mem.iter().nth(i).expect("region");
+        r.file_offset()
+            .expect("file-backed region")
+            .file()
+            .set_len(len)
+            .expect("shrink memfd");
+    }
+
     /// Our virtual address of `gpa` (vring addresses are frontend VAs).
     pub fn va(&self, gpa: u64) -> u64 {
         self.mem
