@@ -180,7 +180,9 @@ pub fn run(
             backend.drain(DRAIN_TIMEOUT);
             daemon.request_shutdown();
         }
+        let watch = WorkerWatch::start(daemon.get_epoll_handlers().len(), daemon.shutdown_handle());
         let result = daemon.wait();
+        drop(watch);
         *current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
@@ -209,6 +211,76 @@ pub fn run(
     log_stats(&backend);
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// Name vhost-user-backend gives its queue worker threads.
+const WORKER_THREAD_NAME: &str = "vring_worker";
+/// How often the worker threads are counted.
+const WATCH_PERIOD: Duration = Duration::from_millis(250);
+
+/// Notices a queue worker thread that ended while the frontend is
+/// connected. vhost-user-backend ends a worker's thread when reading a kick
+/// descriptor fails (a frontend can pass a pipe that reaches EOF, or a
+/// file), without a word: the requests of its queues would never be
+/// answered. The watch logs it and drops the connection, so the frontend
+/// can reconnect and set its rings up again.
+struct WorkerWatch {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerWatch {
+    fn start(expected: usize, handle: Option<ShutdownHandle>) -> Option<Self> {
+        let handle = handle?;
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("ubd-watch".into())
+            .spawn(move || {
+                while !d.load(Ordering::Acquire) {
+                    std::thread::sleep(WATCH_PERIOD);
+                    let alive = count_threads(WORKER_THREAD_NAME);
+                    if !d.load(Ordering::Acquire) && alive.is_some_and(|n| n < expected) {
+                        log::error!(
+                            "a queue worker thread ended ({} of {expected} left): the frontend's \
+                             kick descriptor failed (it reached EOF or is not an eventfd). \
+                             Dropping the connection so that the frontend can reconnect",
+                            alive.unwrap_or(0)
+                        );
+                        handle.shutdown();
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| log::warn!("cannot start the worker watch: {e}"))
+            .ok()?;
+        Some(Self {
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for WorkerWatch {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Threads of this process named `name` (`None` if /proc cannot tell).
+fn count_threads(name: &str) -> Option<usize> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    Some(
+        tasks
+            .filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+            })
+            .count(),
+    )
 }
 
 fn log_stats(backend: &BlkBackend) {

@@ -102,3 +102,42 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
         assert!(st.success(), "{path:?}: {st}\n{log}");
     }
 }
+
+/// Fault 9: a kick descriptor that reaches EOF (a pipe whose writer closed)
+/// ended that queue's worker thread silently: its requests were never
+/// answered and nothing was logged. Now the daemon notices, says so, and
+/// drops the connection so the frontend can reconnect.
+#[test]
+fn a_worker_ended_by_a_bad_kick_descriptor_drops_the_connection() {
+    use std::os::fd::FromRawFd;
+    let mut d = Daemon::start(&[]);
+    let _wd = d.watchdog(WATCHDOG);
+    let mut s = Session::open(&d, &Opts::default());
+    s.check_write(8, &pattern(1, 4096));
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the two-element array we pass.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (reader, writer) = unsafe {
+        (
+            vmm_sys_util::eventfd::EventFd::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    // vhost-user-backend keeps the first kick descriptor in its epoll set
+    // and reads the vring's current one when it fires.
+    s.fe.set_vring_kick(0, &reader)
+        .expect("SET_VRING_KICK with a pipe");
+    drop(writer); // the daemon's read of the kick now sees EOF
+    s.ring.kick(&s.gm);
+    assert!(
+        d.wait_for_log("a queue worker thread ended"),
+        "the dead worker went unnoticed:\n{}",
+        d.log_text()
+    );
+    assert!(d.wait_for_log("frontend disconnected"), "{}", d.log_text());
+    drop(s);
+    serves_a_new_frontend(&d, 4, &pattern(1, 4096));
+    let (st, log) = d.stop();
+    assert!(st.success(), "{st}\n{log}");
+}
