@@ -130,6 +130,9 @@ fn stamp(id: usize, sector: u64) -> Vec<u8> {
 
 struct Workload {
     name: &'static str,
+    /// `--cache none`: data through `O_DIRECT`, first writes and rewrites
+    /// through Linux AIO (`--aio native`, the default).
+    direct: bool,
     writeback: bool,
     zero_ops: bool,
     checkpoint_extents: usize,
@@ -164,6 +167,7 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
         &cow,
         &DiskOptions {
             writeback: w.writeback,
+            direct: w.direct,
             max_pending_extents: w.checkpoint_extents,
             max_pending_age: Duration::from_secs(3600),
             observer: Some(Observer(rec.clone())),
@@ -612,9 +616,10 @@ fn explore(run: &Run, budget: usize, rng: &mut Rng, label: &str) -> usize {
     states
 }
 
-fn workloads() -> Vec<Workload> {
-    vec![
+fn workloads(direct: bool) -> Vec<Workload> {
+    let mut v = vec![
         Workload {
+            direct: false,
             name: "random writes + flushes",
             writeback: true,
             zero_ops: false,
@@ -623,6 +628,7 @@ fn workloads() -> Vec<Workload> {
             max_len: 8,
         },
         Workload {
+            direct: false,
             name: "overlapping long writes",
             writeback: true,
             zero_ops: false,
@@ -631,6 +637,7 @@ fn workloads() -> Vec<Workload> {
             max_len: 40,
         },
         Workload {
+            direct: false,
             name: "discard and write-zeroes",
             writeback: true,
             zero_ops: true,
@@ -639,6 +646,7 @@ fn workloads() -> Vec<Workload> {
             max_len: 16,
         },
         Workload {
+            direct: false,
             name: "writethrough",
             writeback: false,
             zero_ops: true,
@@ -647,6 +655,7 @@ fn workloads() -> Vec<Workload> {
             max_len: 8,
         },
         Workload {
+            direct: false,
             name: "checkpoints mid-run",
             writeback: true,
             zero_ops: true,
@@ -654,11 +663,32 @@ fn workloads() -> Vec<Workload> {
             ops: 300,
             max_len: 8,
         },
-    ]
+    ];
+    for w in &mut v {
+        w.direct = direct;
+    }
+    v
 }
 
 #[test]
 fn every_crash_state_reads_flushed_or_newer_data() {
+    explore_all(false);
+}
+
+/// The same with `--cache none`: data writes through `O_DIRECT` and Linux
+/// AIO, which the recorder must see as well (it sits in the engine, where
+/// every write and sync of the COW file passes, whatever the interface).
+#[test]
+fn every_crash_state_reads_flushed_or_newer_data_with_cache_none() {
+    let aio_before = vhost_user_ubd::engine::aio::submitted();
+    explore_all(true);
+    assert!(
+        vhost_user_ubd::engine::aio::submitted() > aio_before,
+        "no write went through Linux AIO: the --cache none path was not explored"
+    );
+}
+
+fn explore_all(direct: bool) {
     let total: usize = std::env::var("CRASH_STATES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -667,9 +697,13 @@ fn every_crash_state_reads_flushed_or_newer_data() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_c0ff_ee00_0001);
-    println!("crash states: {total}, seed {seed:#x} (CRASH_STATES / CRASH_SEED to change)");
+    println!(
+        "crash states: {total}, seed {seed:#x} (CRASH_STATES / CRASH_SEED to change), \
+         --cache {}",
+        if direct { "none" } else { "writeback" }
+    );
     let mut rng = Rng(seed);
-    let ws = workloads();
+    let ws = workloads(direct);
     let mut explored = 0;
     for w in &ws {
         let t = std::time::Instant::now();
@@ -688,6 +722,17 @@ fn every_crash_state_reads_flushed_or_newer_data() {
             t.elapsed()
         );
         assert!(syncs > 0, "{}: the workload never synced", w.name);
+        let g = run.header.geometry().unwrap();
+        let data_writes = run
+            .log
+            .iter()
+            .filter(|e| matches!(e, Ev::Write { off, .. } if *off >= g.data_offset))
+            .count();
+        assert!(
+            data_writes > 0,
+            "{} (direct: {direct}): the recorder saw no data write",
+            w.name
+        );
         explored += n;
     }
     println!("explored {explored} crash states");
@@ -699,9 +744,19 @@ fn every_crash_state_reads_flushed_or_newer_data() {
 
 #[test]
 fn the_checker_catches_a_bit_without_its_data() {
+    checker_catches_a_bit_without_its_data(false);
+}
+
+#[test]
+fn the_checker_catches_a_bit_without_its_data_with_cache_none() {
+    checker_catches_a_bit_without_its_data(true);
+}
+
+fn checker_catches_a_bit_without_its_data(direct: bool) {
     // Negative control: a bit set on disk whose data never arrived must
     // fail the check (the checker is not vacuous).
     let w = Workload {
+        direct,
         name: "control",
         writeback: true,
         zero_ops: false,
