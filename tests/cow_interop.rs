@@ -406,6 +406,49 @@ fn a_cow_in_use_is_refused() {
     d.shutdown().unwrap();
 }
 
+/// The other direction of the lock interop: while the daemon's disk holds
+/// a COW, a UML-style `fcntl` lock (POSIX, as the UML kernel takes) on it is
+/// refused, for writing and for reading.
+#[test]
+fn a_uml_style_lock_on_a_cow_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    make_backing(&base, 1 << 20);
+    let cow = dir.path().join("c.cow");
+    let try_lock = |how: &str| {
+        let script = format!(
+            r#"
+import fcntl, sys
+f = open(sys.argv[1], "r+")
+try:
+    fcntl.lockf(f, fcntl.{how} | fcntl.LOCK_NB)
+    print("locked")
+except OSError as e:
+    print("refused", e.errno)
+"#
+        );
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&cow)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    let disk = open_cow(&cow, &opts(Some(&base))).unwrap();
+    for how in ["LOCK_EX", "LOCK_SH"] {
+        let got = try_lock(how);
+        assert!(got.starts_with("refused"), "{how} while serving: {got}");
+    }
+    disk.shutdown().unwrap();
+    drop(disk);
+    assert_eq!(try_lock("LOCK_EX"), "locked", "after the disk closed");
+}
+
 #[test]
 fn writeback_bits_reach_the_disk_at_flush_and_writethrough_bits_at_completion() {
     let dir = tempfile::tempdir().unwrap();
