@@ -852,3 +852,73 @@ fn sigterm_while_guest_keeps_submitting_exits_zero() {
     assert_eq!(st_flush, OK, "the in-flight FLUSH must complete");
     assert!(log.contains("stopped cleanly"), "{log}");
 }
+
+/// The guest's cache mode through SET_CONFIG (the WCE byte at offset 32),
+/// with a real frontend: writethrough makes a first write complete only
+/// once its bit is in the COW file; writeback lets the bit wait for a
+/// flush (checkpoints pushed out of reach), and back.
+#[test]
+fn wce_switched_by_set_config_moves_the_bits_of_completed_writes() {
+    let mut d = Daemon::start_cow(&[
+        "--checkpoint-ms",
+        "60000",
+        "--checkpoint-extents",
+        "1000000",
+    ]);
+    let _wd = d.watchdog(WATCHDOG);
+    let mut s = Session::open(&d, &Opts::default());
+    let cow = d.dir().join("disk.cow");
+    let geometry = {
+        let f = std::fs::File::open(&cow).unwrap();
+        let bytes = vhost_user_ubd::cow::file::read_header_bytes(&f).unwrap();
+        vhost_user_ubd::cow::CowHeader::parse(&bytes)
+            .unwrap()
+            .geometry()
+            .unwrap()
+    };
+    let bit_in_file = |d: &Daemon, sector: u64| {
+        let b = d.disk_bytes(geometry.bitmap_offset + sector / 8, 1)[0];
+        b & (1 << (sector % 8)) != 0
+    };
+    let set_wce = |s: &mut Session, on: bool| {
+        s.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[u8::from(on)])
+            .expect("SET_CONFIG of the WCE byte");
+        assert_eq!(
+            get_config(&mut s.fe, 32, 1),
+            vec![u8::from(on)],
+            "WCE read back"
+        );
+    };
+    // Writeback (the default with FLUSH): the bit waits for the flush.
+    s.check_write(64, &pattern(1, 4096));
+    assert!(
+        !bit_in_file(&d, 64),
+        "writeback: the bit is in the file before any flush"
+    );
+    assert_eq!(s.flush().status, OK);
+    assert!(
+        bit_in_file(&d, 64),
+        "writeback: the bit is not in the file after the flush"
+    );
+
+    set_wce(&mut s, false);
+    assert!(d.wait_for_log("guest switched the cache to writethrough"));
+    s.check_write(128, &pattern(2, 4096));
+    assert!(
+        bit_in_file(&d, 128) && bit_in_file(&d, 135),
+        "writethrough: a completed first write's bits are not in the file"
+    );
+
+    set_wce(&mut s, true);
+    assert!(d.wait_for_log("guest switched the cache to writeback"));
+    s.check_write(256, &pattern(3, 4096));
+    assert!(
+        !bit_in_file(&d, 256),
+        "writeback again: the bit did not wait for a flush"
+    );
+    assert_eq!(s.flush().status, OK);
+    assert!(bit_in_file(&d, 256));
+    s.check_read(128, &pattern(2, 4096));
+    drop(s);
+    stop_ok(&mut d);
+}
