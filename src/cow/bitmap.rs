@@ -8,7 +8,7 @@
 //! lock, and so that the kernel may read a byte range of it (a bitmap write
 //! issued straight from memory, R1) while other threads set bits in other
 //! bytes. Which bytes may change while a write is in flight is decided by
-//! `disk::bitmap_writeback` (R3), not here.
+//! `disk::cow::bitmap_writeback` (R3), not here.
 
 use std::{
     ops::Range,

@@ -12,11 +12,8 @@
 //! that `submit` hands back ([`Submitted::Again`]) must wait (R4): keep it
 //! and submit it again once `poll` reports `retry`.
 
-pub mod bitmap_writeback;
 pub mod cow;
-pub mod durability;
 pub mod extents;
-pub mod journal;
 pub mod raw;
 
 use std::{

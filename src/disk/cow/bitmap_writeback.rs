@@ -30,8 +30,8 @@ use std::{
     ops::Range,
 };
 
-use super::extents::ExtentSet;
 use crate::cow::{bitmap::byte_range, Bitmap, Geometry};
+use crate::disk::extents::ExtentSet;
 
 /// Identifies one bitmap write.
 pub type WriteId = u64;

@@ -1,292 +1,29 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The COW disk: routing of reads and the write path (R7).
-//!
-//! - A sector whose bit is set, or whose write completed and awaits its bit
-//!   (`unpersisted`, R5), is read from the COW data area; any other sector
-//!   from the backing file, zeros past the backing file's end.
-//! - A read whose backing part overlaps a pending or waiting bitmap write is
-//!   handed back with [`Submitted::Again`] (R4, decided by
-//!   `bitmap_writeback`); the caller parks it and retries it when `poll`
-//!   says so. Reads whose sectors all have their bit set take no lock.
-//! - A write goes to the COW data area. Its bits are set later, by the
-//!   durability thread (R2, R5); a rewrite of sectors whose bits are set
-//!   needs no bitmap work at all.
-//! - DISCARD and WRITE_ZEROES punch the COW data range and then count as a
-//!   write of those sectors, so their bits get set and they read as zeros
-//!   (R7: bits are never cleared).
-//! - The backing file is only ever read (R6).
+//! A queue of a COW disk: routing of reads (R4 parking included) and the
+//! write path (R7); completed writes are recorded for the durability
+//! thread (R5) and the crash journal.
 
 use std::{
     ops::Range,
     os::fd::{AsRawFd, RawFd},
-    path::Path,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc, Arc, Mutex,
-    },
-    thread::JoinHandle,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
 use slab::Slab;
 
 use super::{
-    bitmap_writeback::BitmapWriteback,
-    check_request,
-    durability::{self, Channel, Cmd, Mailbox, Reply},
-    extents::ExtentSet,
-    file_id,
-    journal::Journal,
-    Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, DiskStats, IoVecs, Op, Request,
-    Submitted, SECTOR,
+    channel::{Cmd, Mailbox, Reply},
+    state::CowShared,
+    ZERO_CHUNK,
 };
 use crate::{
-    cow::{CowFile, OpenCow},
-    engine::{AlignedBuf, Engine, EventFd, IoDone, IoKind, IoOp},
+    disk::{
+        check_request, extents::ExtentSet, Completion, DiskQueue, IoVecs, Op, Request, Submitted,
+        SECTOR,
+    },
+    engine::{Engine, IoDone, IoKind, IoOp},
 };
-
-const ZERO_CHUNK: usize = 64 * 1024;
-/// First writes go through Linux AIO once this many requests are in flight
-/// on the queue.
-/// State shared by the queues and the durability thread, under one lock
-/// held only for short, I/O-free sections.
-#[derive(Debug, Default)]
-pub struct CowState {
-    /// Pending and waiting bitmap writes (R1-R4).
-    pub wb: BitmapWriteback<u64>,
-    /// Sectors whose write completed but whose bit is not set yet.
-    pub unpersisted: ExtentSet,
-    /// When `unpersisted` last went from clean to dirty.
-    pub since: Option<Instant>,
-    /// A queue saw too many pending extents.
-    pub checkpoint_requested: bool,
-}
-
-/// Counters of a COW disk.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Reads handed back with `Again` (R4).
-    pub reads_parked: AtomicU64,
-    /// Bitmap writes completed.
-    pub bitmap_writes: AtomicU64,
-    /// Bitmap writes that waited (R3).
-    pub bitmap_writes_waited: AtomicU64,
-    /// `fdatasync` calls.
-    pub syncs: AtomicU64,
-    /// Epochs completed.
-    pub epochs: AtomicU64,
-}
-
-/// Everything about an open COW disk.
-#[derive(Debug)]
-pub struct CowShared {
-    /// The open, locked file with its bitmap.
-    pub file: CowFile,
-    /// Size and names.
-    pub info: DiskInfo,
-    /// Bitmap scheduler and unpersisted writes.
-    pub state: Mutex<CowState>,
-    /// Writeback (true) or writethrough.
-    pub writeback: AtomicBool,
-    /// Shut down: requests fail.
-    pub closed: AtomicBool,
-    /// Options it was opened with.
-    pub opts: DiskOptions,
-    /// Commands to the durability thread.
-    pub channel: Channel,
-    /// Writes completed since the last `fdatasync` was issued.
-    pub writes_since_sync: AtomicU64,
-    /// The backing file no longer matches the header (R6): reads that
-    /// need it fail.
-    pub backing_changed: AtomicBool,
-    /// Counters.
-    pub stats: Stats,
-    /// The crash journal: completed writes whose bits are not durable yet,
-    /// kept where a process crash cannot reach them.
-    pub journal: Option<Journal>,
-    zeros: AlignedBuf,
-}
-
-/// A COW file over a read-only backing file.
-#[derive(Debug)]
-pub struct CowDisk {
-    shared: Arc<CowShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl CowDisk {
-    /// Opens (checks, locks, loads the bitmap) and starts the durability
-    /// thread.
-    pub fn open(path: &Path, opts: &DiskOptions) -> Result<Self, DiskError> {
-        let file = CowFile::open(
-            path,
-            &OpenCow {
-                readonly: opts.readonly,
-                backing: opts.backing.clone(),
-                direct: opts.direct,
-                no_lock: false,
-                lock_wait: opts.lock_wait,
-            },
-        )?;
-        let setup = |e| DiskError::Setup {
-            path: path.to_path_buf(),
-            source: e,
-        };
-        let meta = file.meta_fd.metadata().map_err(setup)?;
-        if file.geometry.data_offset > crate::cow::header::UML_MAX_DATA_OFFSET {
-            log::warn!(
-                "COW file {}: data offset {} exceeds 2^31; UML and uml_moo cannot open it",
-                path.display(),
-                file.geometry.data_offset
-            );
-        }
-        let info = DiskInfo {
-            sectors: file.geometry.nsect,
-            readonly: opts.readonly,
-            path: path.to_path_buf(),
-            id: file_id(&meta),
-            kind: "cow",
-            direct: file.direct,
-        };
-        let event = Arc::new(EventFd::new().map_err(setup)?);
-        let mut state = CowState::default();
-        let journal = match &opts.journal_dir {
-            None => None,
-            Some(dir) => match Journal::open(dir, &file, opts.readonly) {
-                Ok(opened) => {
-                    if !opened.recovered.is_empty() {
-                        for r in opened.recovered {
-                            state.unpersisted.insert(r);
-                        }
-                        // A checkpoint gives them their bits soon.
-                        state.since = Some(Instant::now());
-                    }
-                    opened.journal
-                }
-                Err(e) => {
-                    log::warn!(
-                        "{e}; serving without a crash journal: if this daemon dies, writes \
-                         completed since the last flush may read back as the base's data \
-                         (use --crash-journal DIR on a file system that has birth times, \
-                         e.g. tmpfs or ext4)"
-                    );
-                    None
-                }
-            },
-        };
-        let shared = Arc::new(CowShared {
-            info,
-            state: Mutex::new(state),
-            writeback: AtomicBool::new(opts.writeback),
-            closed: AtomicBool::new(false),
-            opts: opts.clone(),
-            channel: Channel::new(event.clone()),
-            writes_since_sync: AtomicU64::new(0),
-            backing_changed: AtomicBool::new(false),
-            stats: Stats::default(),
-            journal,
-            zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
-            file,
-        });
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("ubd-durability".into())
-            .spawn(move || durability::run(thread_shared, event))
-            .map_err(setup)?;
-        Ok(Self {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        })
-    }
-
-    /// The shared state (for tests and `info`).
-    pub fn shared(&self) -> &Arc<CowShared> {
-        &self.shared
-    }
-}
-
-impl Drop for CowDisk {
-    fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
-            log::error!("{e}");
-        }
-    }
-}
-
-impl Disk for CowDisk {
-    fn info(&self) -> &DiskInfo {
-        &self.shared.info
-    }
-
-    fn new_queue(&self) -> Result<Box<dyn DiskQueue>, DiskError> {
-        let s = &self.shared;
-        let setup = |e| DiskError::Setup {
-            path: s.info.path.clone(),
-            source: e,
-        };
-        let event = Arc::new(EventFd::new().map_err(setup)?);
-        let mailbox = Arc::new(Mailbox::new(event.clone()));
-        s.channel.register(&mailbox);
-        let mut engine = Engine::new(s.opts.ring_entries, event).map_err(setup)?;
-        engine.set_observer(s.opts.observer.as_ref().map(|o| o.0.clone()));
-        Ok(Box::new(CowQueue {
-            engine,
-            data_fd: s.file.data_fd.as_raw_fd(),
-            backing_fd: s.file.backing_fd.as_raw_fd(),
-            shared: s.clone(),
-            mailbox,
-            slots: Slab::new(),
-            done: Vec::new(),
-            io: Vec::new(),
-            at_meta: 0,
-        }))
-    }
-
-    fn set_writeback(&self, writeback: bool) {
-        self.shared.writeback.store(writeback, Ordering::Release);
-    }
-
-    fn writeback(&self) -> bool {
-        self.shared.writeback.load(Ordering::Acquire)
-    }
-
-    fn stats(&self) -> DiskStats {
-        let s = &self.shared.stats;
-        DiskStats {
-            reads_parked: s.reads_parked.load(Ordering::Relaxed),
-            bitmap_writes: s.bitmap_writes.load(Ordering::Relaxed),
-            bitmap_writes_waited: s.bitmap_writes_waited.load(Ordering::Relaxed),
-            syncs: s.syncs.load(Ordering::Relaxed),
-            epochs: s.epochs.load(Ordering::Relaxed),
-        }
-    }
-
-    fn shutdown(&self) -> Result<(), DiskError> {
-        let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
-            return Ok(());
-        };
-        self.shared.closed.store(true, Ordering::Release);
-        let (tx, rx) = mpsc::channel();
-        self.shared.channel.send(Cmd::Shutdown(tx));
-        let result = rx.recv_timeout(durability::SHUTDOWN_TIMEOUT);
-        let _ = thread.join();
-        let persist = |errno: i32| DiskError::Persist {
-            path: self.shared.info.path.clone(),
-            source: std::io::Error::from_raw_os_error(errno),
-        };
-        match result {
-            Ok(Ok(())) => {
-                // Every completed write is durable with its bits.
-                if let Some(j) = &self.shared.journal {
-                    j.remove();
-                }
-                Ok(())
-            }
-            Ok(Err(errno)) => Err(persist(errno)),
-            Err(_) => Err(persist(libc::ETIMEDOUT)),
-        }
-    }
-}
 
 /// What a request in flight on a queue is waiting for.
 #[derive(Debug)]
@@ -308,7 +45,7 @@ struct Slot {
     zero_fallback: Option<(u64, u64)>,
 }
 
-struct CowQueue {
+pub(super) struct CowQueue {
     engine: Engine,
     data_fd: RawFd,
     backing_fd: RawFd,
@@ -324,6 +61,21 @@ struct CowQueue {
 }
 
 impl CowQueue {
+    /// A queue of `shared` with its own engine and mailbox.
+    pub(super) fn new(shared: Arc<CowShared>, engine: Engine, mailbox: Arc<Mailbox>) -> Self {
+        Self {
+            engine,
+            data_fd: shared.file.data_fd.as_raw_fd(),
+            backing_fd: shared.file.backing_fd.as_raw_fd(),
+            shared,
+            mailbox,
+            slots: Slab::new(),
+            done: Vec::new(),
+            io: Vec::new(),
+            at_meta: 0,
+        }
+    }
+
     fn push(&mut self, key: usize, op: std::io::Result<IoOp>) {
         let r = op.and_then(|op| {
             // SAFETY: the iovecs come from the request's `IoVecs` (valid until
@@ -441,7 +193,7 @@ impl CowQueue {
         // Data writes go through Linux AIO with `--aio native` (see
         // `AioMode`): a first write lands in a hole of the COW file and
         // must allocate; a rewrite completes sooner than through io_uring.
-        let aio = file.direct && shared.opts.aio == super::AioMode::Native;
+        let aio = file.direct && shared.opts.aio == crate::disk::AioMode::Native;
         let key = self.new_slot(tag, Stage::Data { bits });
         let op = IoOp::rw(
             IoKind::Write { dsync: false },
@@ -670,7 +422,7 @@ impl DiskQueue for CowQueue {
                 if d.result < 0 {
                     let errno = i32::try_from(-d.result).unwrap_or(libc::EIO);
                     match slot.zero_fallback.take() {
-                        Some(r) if super::punch_unsupported(errno) => fallback = Some(r),
+                        Some(r) if crate::disk::punch_unsupported(errno) => fallback = Some(r),
                         _ => slot.err = Some(errno),
                     }
                 } else {

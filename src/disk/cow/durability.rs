@@ -25,19 +25,19 @@ use std::{
     collections::{HashMap, VecDeque},
     ops::Range,
     os::fd::AsRawFd,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc, Arc, Mutex, Weak,
-    },
+    sync::{atomic::Ordering, mpsc, Arc},
     time::{Duration, Instant},
 };
 
 use super::{
     bitmap_writeback::{BitmapWriteback, Issued, Queued},
-    cow::CowShared,
-    Completion,
+    channel::{Cmd, Reply},
+    state::CowShared,
 };
-use crate::engine::{Engine, EventFd, IoDone, IoKind, IoOp};
+use crate::{
+    disk::Completion,
+    engine::{Engine, EventFd, IoDone, IoKind, IoOp},
+};
 
 /// Bitmap bytes closer than this share one bitmap write. A page: one
 /// buffered write per touched bitmap page instead of one per few bytes (a
@@ -55,133 +55,6 @@ const META_RING: u32 = 1024;
 const SYNC_TAG: u64 = 0;
 /// How often the backing file's size and mtime are checked (R6).
 const BACKING_CHECK_PERIOD: Duration = Duration::from_secs(1);
-
-/// Where the durability thread delivers a queue's completions.
-#[derive(Debug)]
-pub struct Mailbox {
-    done: Mutex<Vec<Completion>>,
-    retry: AtomicBool,
-    wants_retry: AtomicBool,
-    event: Arc<EventFd>,
-}
-
-impl Mailbox {
-    /// A mailbox that signals `event` (the queue's eventfd).
-    pub fn new(event: Arc<EventFd>) -> Self {
-        Self {
-            done: Mutex::new(Vec::new()),
-            retry: AtomicBool::new(false),
-            wants_retry: AtomicBool::new(false),
-            event,
-        }
-    }
-
-    fn deliver(&self, c: Completion) {
-        if let Ok(mut d) = self.done.lock() {
-            d.push(c);
-        }
-        self.event.signal();
-    }
-
-    /// Moves delivered completions to `out`; returns their number.
-    pub fn take(&self, out: &mut Vec<Completion>) -> usize {
-        self.done.lock().map_or(0, |mut d| {
-            let n = d.len();
-            out.append(&mut d);
-            n
-        })
-    }
-
-    /// The queue parked a read (R4): wake it when a bitmap write completes.
-    pub fn park(&self) {
-        self.wants_retry.store(true, Ordering::Release);
-    }
-
-    /// True once after a bitmap write completed while reads were parked.
-    pub fn take_retry(&self) -> bool {
-        self.retry.swap(false, Ordering::AcqRel)
-    }
-
-    fn wake_if_parked(&self) {
-        if self.wants_retry.swap(false, Ordering::AcqRel) {
-            self.retry.store(true, Ordering::Release);
-            self.event.signal();
-        }
-    }
-}
-
-/// Who to answer.
-#[derive(Debug)]
-pub struct Reply {
-    /// The queue's mailbox.
-    pub mailbox: Arc<Mailbox>,
-    /// The request's tag.
-    pub tag: u64,
-}
-
-/// Work for the durability thread.
-#[derive(Debug)]
-pub enum Cmd {
-    /// A guest FLUSH.
-    Flush(Reply),
-    /// A writethrough write whose data completed: make it durable with the
-    /// bits of these sector ranges.
-    Persist(Vec<Range<u64>>, Reply),
-    /// Something changed (a checkpoint may be due).
-    Kick,
-    /// Persist everything and stop.
-    Shutdown(mpsc::Sender<Result<(), i32>>),
-}
-
-/// The command channel to the durability thread.
-#[derive(Debug)]
-pub struct Channel {
-    cmds: Mutex<Vec<Cmd>>,
-    event: Arc<EventFd>,
-    mailboxes: Mutex<Vec<Weak<Mailbox>>>,
-}
-
-impl Channel {
-    /// A channel whose thread waits on `event`.
-    pub fn new(event: Arc<EventFd>) -> Self {
-        Self {
-            cmds: Mutex::new(Vec::new()),
-            event,
-            mailboxes: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Sends a command.
-    pub fn send(&self, cmd: Cmd) {
-        if let Ok(mut c) = self.cmds.lock() {
-            c.push(cmd);
-        }
-        self.event.signal();
-    }
-
-    /// Registers a queue's mailbox for R4 wake-ups.
-    pub fn register(&self, mailbox: &Arc<Mailbox>) {
-        if let Ok(mut m) = self.mailboxes.lock() {
-            m.retain(|w| w.strong_count() > 0);
-            m.push(Arc::downgrade(mailbox));
-        }
-    }
-
-    fn wake_parked(&self) {
-        if let Ok(m) = self.mailboxes.lock() {
-            for mb in m.iter().filter_map(Weak::upgrade) {
-                mb.wake_if_parked();
-            }
-        }
-    }
-
-    fn take(&self) -> Vec<Cmd> {
-        self.cmds
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default()
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -298,8 +171,8 @@ fn fail_everything(shared: &CowShared, errno: i32) {
                 }
             }
         }
-        shared.channel.event.wait(100);
-        shared.channel.event.drain();
+        shared.channel.event().wait(100);
+        shared.channel.event().drain();
     }
 }
 

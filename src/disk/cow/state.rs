@@ -1,0 +1,79 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What the queues and the durability thread of a COW disk share: the open
+//! file, the bitmap writeback scheduler and the completed writes awaiting
+//! their bits, under one lock held only for short, I/O-free sections.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Mutex,
+    },
+    time::Instant,
+};
+
+use super::{bitmap_writeback::BitmapWriteback, channel::Channel, journal::Journal};
+use crate::{
+    cow::CowFile,
+    disk::{extents::ExtentSet, DiskInfo, DiskOptions},
+    engine::AlignedBuf,
+};
+
+/// State shared by the queues and the durability thread, under one lock
+/// held only for short, I/O-free sections.
+#[derive(Debug, Default)]
+pub struct CowState {
+    /// Pending and waiting bitmap writes (R1-R4).
+    pub wb: BitmapWriteback<u64>,
+    /// Sectors whose write completed but whose bit is not set yet.
+    pub unpersisted: ExtentSet,
+    /// When `unpersisted` last went from clean to dirty.
+    pub since: Option<Instant>,
+    /// A queue saw too many pending extents.
+    pub checkpoint_requested: bool,
+}
+
+/// Counters of a COW disk.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Reads handed back with `Again` (R4).
+    pub reads_parked: AtomicU64,
+    /// Bitmap writes completed.
+    pub bitmap_writes: AtomicU64,
+    /// Bitmap writes that waited (R3).
+    pub bitmap_writes_waited: AtomicU64,
+    /// `fdatasync` calls.
+    pub syncs: AtomicU64,
+    /// Epochs completed.
+    pub epochs: AtomicU64,
+}
+
+/// Everything about an open COW disk.
+#[derive(Debug)]
+pub struct CowShared {
+    /// The open, locked file with its bitmap.
+    pub file: CowFile,
+    /// Size and names.
+    pub info: DiskInfo,
+    /// Bitmap scheduler and unpersisted writes.
+    pub state: Mutex<CowState>,
+    /// Writeback (true) or writethrough.
+    pub writeback: AtomicBool,
+    /// Shut down: requests fail.
+    pub closed: AtomicBool,
+    /// Options it was opened with.
+    pub opts: DiskOptions,
+    /// Commands to the durability thread.
+    pub channel: Channel,
+    /// Writes completed since the last `fdatasync` was issued.
+    pub writes_since_sync: AtomicU64,
+    /// The backing file no longer matches the header (R6): reads that
+    /// need it fail.
+    pub backing_changed: AtomicBool,
+    /// Counters.
+    pub stats: Stats,
+    /// The crash journal: completed writes whose bits are not durable yet,
+    /// kept where a process crash cannot reach them.
+    pub journal: Option<Journal>,
+    /// Zeros for write-zeroes fallbacks (never written).
+    pub zeros: AlignedBuf,
+}
