@@ -215,8 +215,10 @@ pub fn run(
 
 /// Name vhost-user-backend gives its queue worker threads.
 const WORKER_THREAD_NAME: &str = "vring_worker";
-/// How often the worker threads are counted.
-const WATCH_PERIOD: Duration = Duration::from_millis(250);
+/// How often the worker threads are counted (a daemon wakes for it only
+/// while a frontend is connected; once a second keeps a host of a thousand
+/// daemons quiet).
+const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
 /// Notices a queue worker thread that ended while the frontend is
 /// connected. vhost-user-backend ends a worker's thread when reading a kick
@@ -225,22 +227,23 @@ const WATCH_PERIOD: Duration = Duration::from_millis(250);
 /// answered. The watch logs it and drops the connection, so the frontend
 /// can reconnect and set its rings up again.
 struct WorkerWatch {
-    done: Arc<AtomicBool>,
+    /// Dropping it ends the watch at once (no sleep to sit out).
+    stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WorkerWatch {
     fn start(expected: usize, handle: Option<ShutdownHandle>) -> Option<Self> {
         let handle = handle?;
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("ubd-watch".into())
             .spawn(move || {
-                while !d.load(Ordering::Acquire) {
-                    std::thread::sleep(WATCH_PERIOD);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(WATCH_PERIOD)
+                {
                     let alive = count_threads(WORKER_THREAD_NAME);
-                    if !d.load(Ordering::Acquire) && alive.is_some_and(|n| n < expected) {
+                    if alive.is_some_and(|n| n < expected) {
                         log::error!(
                             "a queue worker thread ended ({} of {expected} left): the frontend's \
                              kick descriptor failed (it reached EOF or is not an eventfd). \
@@ -255,7 +258,7 @@ impl WorkerWatch {
             .map_err(|e| log::warn!("cannot start the worker watch: {e}"))
             .ok()?;
         Some(Self {
-            done,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -263,7 +266,7 @@ impl WorkerWatch {
 
 impl Drop for WorkerWatch {
     fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
