@@ -15,7 +15,7 @@ use vhost_user_ubd::{
     },
     daemon::{self, DaemonError},
     disk::{self, DiskError},
-    vhu_blk::{BlkBackend, BlkConfig},
+    vhost::{BlkBackend, BlkConfig},
 };
 
 use crate::args::{Args, Command};

@@ -8,7 +8,7 @@ use thiserror::Error;
 use crate::{
     daemon::ListenOn,
     disk::{AioMode, DiskOptions},
-    vhu_blk::MAX_QUEUES,
+    vhost::MAX_QUEUES,
 };
 
 /// Cache mode of the data files.

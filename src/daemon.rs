@@ -20,7 +20,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::{disk::DiskError, vhu_blk::BlkBackend};
+use crate::{disk::DiskError, vhost::BlkBackend};
 
 /// How long SIGTERM waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

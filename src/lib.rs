@@ -9,7 +9,9 @@
 //!   scheduler (R1-R4) and durability (R5).
 //! - [`engine`]: the io_uring engine; owns iovecs until completion.
 //! - [`request`]: pure virtio-blk request parsing.
-//! - [`vhu_blk`]: the vhost-user backend (features, config, queue workers).
+//! - [`vhost`]: the vhost-user backend (features, config space, queue workers,
+//!   guest memory); the only module that knows the vhost crates, with
+//!   [`daemon`]'s connection loop.
 //! - [`daemon`]: listener, connection loop, signals.
 //! - [`config`]: validated `serve` configuration.
 
@@ -19,4 +21,4 @@ pub mod daemon;
 pub mod disk;
 pub mod engine;
 pub mod request;
-pub mod vhu_blk;
+pub mod vhost;

@@ -1,0 +1,551 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A queue's requests: pop (a ring the guest broke is detected once and
+//! stopped), start (parse, translate, submit), park reads the disk hands
+//! back (R4), complete in pop order.
+
+use std::{
+    collections::VecDeque,
+    io,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::{
+    disk::{Completion, DiskQueue, IoVecs, Op, Request, Submitted},
+    request::{self, BlkRequest, RequestType, SECTOR, S_IOERR, S_OK, S_UNSUPP, WZ_UNMAP},
+};
+
+use super::{
+    config_space::{DISCARD_ALIGN, MAX_DISCARD_SECTORS},
+    memory::iovecs,
+    BlkBackend, Mem, Vring,
+};
+
+/// Rate limiter for guest-triggered log lines.
+#[derive(Debug)]
+pub(super) struct RateLimit {
+    pub(super) window: Instant,
+    pub(super) count: u32,
+}
+
+impl RateLimit {
+    pub(super) fn allow(&mut self) -> bool {
+        if self.window.elapsed() > Duration::from_secs(1) {
+            if self.count > 10 {
+                log::warn!(
+                    "{} more bad requests in the last second (not logged)",
+                    self.count - 10
+                );
+            }
+            self.window = Instant::now();
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= 10
+    }
+}
+
+/// A request popped from the ring, in pop order.
+#[derive(Debug)]
+pub(super) struct Slot {
+    head: u16,
+    /// Status byte address; `None` when the chain has none.
+    status_addr: Option<GuestAddress>,
+    /// Set once the request finished.
+    status: Option<u8>,
+    /// Bytes written into device-writable buffers before the status.
+    data_in: u32,
+    /// Keeps guest memory mapped while the disk uses the iovecs.
+    mem: Arc<Mem>,
+}
+
+/// Per-queue state, owned by that queue's epoll thread.
+pub(super) struct Worker {
+    /// The virtqueue's index (for logs).
+    pub(super) index: usize,
+    /// The guest broke this ring (its available index is impossible): the
+    /// queue takes no more requests until the frontend sets it up again.
+    pub(super) broken: bool,
+    pub(super) queue: Box<dyn DiskQueue>,
+    pub(super) slots: VecDeque<Slot>,
+    /// Sequence number of `slots[0]`; disk tags are sequence numbers.
+    pub(super) base_seq: u64,
+    pub(super) next_seq: u64,
+    /// Reads waiting for a bitmap write (R4).
+    pub(super) parked: VecDeque<Request>,
+    pub(super) done: Vec<Completion>,
+    pub(super) limit: RateLimit,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("in_flight", &self.slots.len())
+            .field("parked", &self.parked.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    fn slot_mut(&mut self, seq: u64) -> Option<&mut Slot> {
+        let idx = usize::try_from(seq.checked_sub(self.base_seq)?).ok()?;
+        self.slots.get_mut(idx)
+    }
+
+    /// Waits for every disk request and forgets every slot (disconnect or
+    /// reset: the ring they belong to is gone). The slots keep the guest
+    /// memory their requests' iovecs point into mapped, so they are only
+    /// dropped once the kernel is done with those iovecs: a stuck request is
+    /// logged and waited for, never abandoned on a timeout.
+    pub(super) fn discard_all(&mut self) {
+        self.parked.clear();
+        let start = Instant::now();
+        let mut next_report = Duration::from_secs(60);
+        while self.queue.in_flight() > 0 {
+            let _ = self.queue.commit();
+            self.queue.wait(Some(Duration::from_millis(100)));
+            self.queue.poll(&mut self.done);
+            self.done.clear();
+            if self.queue.in_flight() > 0 && start.elapsed() >= next_report {
+                log::error!(
+                    "queue {}: {} disk requests still in flight after {} s; waiting for them \
+                     (the kernel may still use their guest memory)",
+                    self.index,
+                    self.queue.in_flight(),
+                    start.elapsed().as_secs()
+                );
+                next_report += Duration::from_secs(60);
+            }
+        }
+        self.slots.clear();
+        self.base_seq = self.next_seq;
+        self.broken = false;
+    }
+}
+
+impl BlkBackend {
+    /// The guest broke `w`'s ring: stop taking requests from it, say so once.
+    fn ring_broken(&self, w: &mut Worker, why: &str) {
+        w.broken = true;
+        log::error!(
+            "{}: queue {}: the guest broke its ring: {why}. The queue takes no more requests \
+             until the frontend sets it up again (a device reset or a reconnect); the other \
+             queues go on",
+            self.disk.info().path.display(),
+            w.index
+        );
+    }
+
+    /// Pops and starts every available request.
+    pub(super) fn process_queue(&self, w: &mut Worker, vring: &Vring) {
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            if !self.pop_all(w, vring) {
+                // Stopped (not ready, draining, no memory): leave the ring
+                // alone; re-enabling notifications would report the
+                // unpopped requests forever.
+                break;
+            }
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::error!("enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Pops and starts requests until the ring is empty (true) or popping
+    /// must stop: ring not ready, draining, or no guest memory (false).
+    fn pop_all(&self, w: &mut Worker, vring: &Vring) -> bool {
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        // Pops in a row that found entries published but could not take one.
+        let mut stuck = 0u32;
+        let drained = loop {
+            if self.stopping.load(Ordering::Acquire) {
+                break false;
+            }
+            if w.broken {
+                break false;
+            }
+            let chain = {
+                let mut state = vring.get_mut();
+                if !state.get_queue().ready() {
+                    break false;
+                }
+                let q = state.get_queue_mut();
+                let chain = q.pop_descriptor_chain(mem.clone());
+                if chain.is_none() {
+                    // virtio-queue answers None both for an empty ring and
+                    // for one the guest broke (and logs the latter on every
+                    // call): tell them apart, here. The driver may publish
+                    // a request right after the pop found none: that is a
+                    // race, not a fault, and the next pop takes it.
+                    match ring_after_empty_pop(q, mem.as_ref()) {
+                        Ring::Empty => {}
+                        Ring::Raced if stuck == 0 => {
+                            stuck += 1;
+                            continue;
+                        }
+                        Ring::Raced => {
+                            self.ring_broken(w, "entries are published but none can be read");
+                            break false;
+                        }
+                        Ring::Broken(why) => {
+                            self.ring_broken(w, &why);
+                            break false;
+                        }
+                    }
+                } else {
+                    stuck = 0;
+                }
+                chain
+            };
+            let Some(chain) = chain else {
+                break true;
+            };
+            let head = chain.head_index();
+            let descs: Vec<(GuestAddress, u32, bool)> = chain
+                .map(|d| (d.addr(), d.len(), d.is_write_only()))
+                .collect();
+            self.start(w, head, &descs, &mem);
+        };
+        if let Err(e) = w.queue.commit() {
+            log::error!("{}: io_uring submit: {e}", self.disk.info().path.display());
+        }
+        self.reap(w, vring);
+        drained
+    }
+
+    fn start(
+        &self,
+        w: &mut Worker,
+        head: u16,
+        descs: &[(GuestAddress, u32, bool)],
+        mem: &Arc<Mem>,
+    ) {
+        let seq = w.next_seq;
+        w.next_seq += 1;
+        w.slots.push_back(Slot {
+            head,
+            status_addr: None,
+            status: None,
+            data_in: 0,
+            mem: mem.clone(),
+        });
+        let req = match request::parse(descs.iter().copied(), mem.as_ref()) {
+            Ok(r) => r,
+            Err(bad) => {
+                self.bad(w, head, &bad.error.to_string());
+                if let Some(s) = w.slot_mut(seq) {
+                    s.status_addr = bad.status;
+                    s.status = Some(S_IOERR);
+                }
+                return;
+            }
+        };
+        if let Some(s) = w.slot_mut(seq) {
+            s.status_addr = Some(req.status);
+        }
+        let result = self.to_disk(w, head, &req, mem);
+        match result {
+            Err(status) => {
+                if let Some(s) = w.slot_mut(seq) {
+                    s.status = Some(status);
+                }
+            }
+            Ok(None) => {
+                let id_len =
+                    u32::try_from(req.data_len.min(u64::from(VIRTIO_BLK_ID_BYTES))).unwrap_or(0);
+                if let Some(s) = w.slot_mut(seq) {
+                    s.status = Some(S_OK);
+                    if req.rtype == RequestType::GetId {
+                        s.data_in = id_len;
+                    }
+                }
+            }
+            Ok(Some(op)) => {
+                if req.rtype == RequestType::In {
+                    if let Some(s) = w.slot_mut(seq) {
+                        s.data_in = u32::try_from(req.data_len).unwrap_or(u32::MAX);
+                    }
+                }
+                if let Submitted::Again(r) = w.queue.submit(Request { op, tag: seq }) {
+                    w.parked.push_back(r);
+                }
+            }
+        }
+    }
+
+    /// Turns a parsed request into a disk operation, or an immediate status.
+    fn to_disk(
+        &self,
+        w: &mut Worker,
+        head: u16,
+        req: &BlkRequest,
+        mem: &Arc<Mem>,
+    ) -> Result<Option<Op>, u8> {
+        let info = self.disk.info();
+        match req.rtype {
+            RequestType::In | RequestType::Out => {
+                if req.rtype == RequestType::Out && info.readonly {
+                    self.bad(w, head, "write to a read-only disk");
+                    return Err(S_IOERR);
+                }
+                let Some(iov) = iovecs(mem, &req.data) else {
+                    self.bad(w, head, "data buffer outside guest memory");
+                    return Err(S_IOERR);
+                };
+                let end = req.sector.checked_add(req.data_len / SECTOR);
+                if end.is_none_or(|e| e > info.sectors) {
+                    self.bad(
+                        w,
+                        head,
+                        &format!(
+                            "sectors {}+{} beyond the end ({} sectors)",
+                            req.sector,
+                            req.data_len / SECTOR,
+                            info.sectors
+                        ),
+                    );
+                    return Err(S_IOERR);
+                }
+                // SAFETY: the iovecs point into guest memory mapped by
+                // `mem`, which the slot keeps alive until the request's
+                // completion; the guest does not touch buffers it handed to
+                // the device until the used ring says so.
+                let iov = unsafe { IoVecs::new(iov) };
+                Ok(Some(if req.rtype == RequestType::In {
+                    Op::Read {
+                        sector: req.sector,
+                        iov,
+                    }
+                } else {
+                    Op::Write {
+                        sector: req.sector,
+                        iov,
+                    }
+                }))
+            }
+            RequestType::Flush => Ok(Some(Op::Flush)),
+            RequestType::GetId => {
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let s = self.cfg.serial.as_bytes();
+                let n = s.len().min(id.len());
+                if let (Some(d), Some(src)) = (id.get_mut(..n), s.get(..n)) {
+                    d.copy_from_slice(src);
+                }
+                let mut off = 0usize;
+                for seg in &req.data {
+                    let want = (seg.len as usize).min(id.len().saturating_sub(off));
+                    if want == 0 {
+                        break;
+                    }
+                    let src = id.get(off..off + want).unwrap_or_default();
+                    if mem.write_slice(src, seg.addr).is_err() {
+                        self.bad(w, head, "GET_ID buffer outside guest memory");
+                        return Err(S_IOERR);
+                    }
+                    off += want;
+                }
+                Ok(None)
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                if info.readonly {
+                    self.bad(w, head, "discard/write-zeroes on a read-only disk");
+                    return Err(S_IOERR);
+                }
+                let [r] = req.ranges.as_slice() else {
+                    self.bad(w, head, "more than one discard/write-zeroes range");
+                    return Err(S_UNSUPP);
+                };
+                let nsect = u64::from(r.num_sectors);
+                let end = r.sector.checked_add(nsect);
+                if end.is_none_or(|e| e > info.sectors) || nsect > u64::from(MAX_DISCARD_SECTORS) {
+                    self.bad(w, head, "discard/write-zeroes range beyond the end");
+                    return Err(S_IOERR);
+                }
+                if req.rtype == RequestType::Discard {
+                    if r.flags != 0 {
+                        self.bad(w, head, "discard with flags");
+                        return Err(S_UNSUPP);
+                    }
+                    let align = u64::from(DISCARD_ALIGN);
+                    let tail_ok = end == Some(info.sectors);
+                    if r.sector % align != 0 || (nsect % align != 0 && !tail_ok) {
+                        self.bad(w, head, "discard not aligned to 4 KiB");
+                        return Err(S_IOERR);
+                    }
+                    Ok(Some(Op::Discard {
+                        sector: r.sector,
+                        nsect,
+                    }))
+                } else {
+                    if r.flags & !WZ_UNMAP != 0 {
+                        self.bad(w, head, "write-zeroes with unknown flags");
+                        return Err(S_UNSUPP);
+                    }
+                    Ok(Some(Op::WriteZeroes {
+                        sector: r.sector,
+                        nsect,
+                        unmap: r.flags & WZ_UNMAP != 0,
+                    }))
+                }
+            }
+            RequestType::Unsupported(t) => {
+                self.bad(w, head, &format!("unsupported request type {t}"));
+                Err(S_UNSUPP)
+            }
+        }
+    }
+
+    /// Collects disk completions, retries parked reads, completes in order.
+    pub(super) fn reap(&self, w: &mut Worker, vring: &Vring) {
+        loop {
+            let mut done = std::mem::take(&mut w.done);
+            // `poll` reports a bitmap-write wake-up only once: it must be
+            // acted on here, even when it arrives while the retried reads
+            // are being resubmitted (else they wait for a wake-up that
+            // already happened, forever).
+            let retry = w.queue.poll(&mut done);
+            for c in done.drain(..) {
+                self.record(w, &c);
+            }
+            w.done = done;
+            if !retry || w.parked.is_empty() {
+                break;
+            }
+            let parked = std::mem::take(&mut w.parked);
+            for r in parked {
+                if let Submitted::Again(r) = w.queue.submit(r) {
+                    w.parked.push_back(r);
+                }
+            }
+            if let Err(e) = w.queue.commit() {
+                log::error!("{}: io_uring submit: {e}", self.disk.info().path.display());
+            }
+        }
+        self.complete_in_order(w, vring);
+    }
+
+    /// Stores a disk completion's status in its slot.
+    fn record(&self, w: &mut Worker, c: &Completion) {
+        let status = match c.result {
+            Ok(()) => S_OK,
+            Err(e) if e == libc::EOPNOTSUPP => S_UNSUPP,
+            Err(e) => {
+                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                if w.limit.allow() {
+                    log::warn!(
+                        "{}: request failed: {}",
+                        self.disk.info().path.display(),
+                        io::Error::from_raw_os_error(e)
+                    );
+                }
+                S_IOERR
+            }
+        };
+        if let Some(s) = w.slot_mut(c.tag) {
+            s.status = Some(status);
+            if status != S_OK {
+                s.data_in = 0;
+            }
+        }
+    }
+
+    fn complete_in_order(&self, w: &mut Worker, vring: &Vring) {
+        let mut any = false;
+        while w.slots.front().is_some_and(|s| s.status.is_some()) {
+            let Some(s) = w.slots.pop_front() else {
+                break;
+            };
+            w.base_seq += 1;
+            let used_len = match (s.status_addr, s.status) {
+                (Some(addr), Some(st)) => {
+                    if s.mem.write_obj(st, addr).is_err() {
+                        log::warn!("status byte outside guest memory");
+                    }
+                    s.data_in.saturating_add(1)
+                }
+                _ => 0,
+            };
+            if let Err(e) = vring.add_used(s.head, used_len) {
+                log::error!("cannot add descriptor {} to the used ring: {e}", s.head);
+            }
+            self.stats.completed.fetch_add(1, Ordering::Relaxed);
+            any = true;
+        }
+        if any {
+            let notify = if self.event_idx.load(Ordering::Acquire) {
+                vring.needs_notification().unwrap_or(true)
+            } else {
+                true
+            };
+            if log::log_enabled!(log::Level::Trace) {
+                let st = vring.get_ref();
+                let q = st.get_queue();
+                let addr = GuestAddress(q.avail_ring() + 4 + 2 * u64::from(q.size()));
+                let ue = self.memory().and_then(|m| m.read_obj::<u16>(addr).ok());
+                log::trace!(
+                    "seq {}: next_used {} used_event {ue:?}: notify {notify}",
+                    w.base_seq,
+                    q.next_used()
+                );
+            }
+            if notify {
+                if let Err(e) = vring.signal_used_queue() {
+                    log::debug!("signal_used_queue: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// What a ring is when a pop found nothing.
+enum Ring {
+    /// Nothing published: the available index is the next one to pop.
+    Empty,
+    /// Published entries (at most a queue's worth) the pop did not see:
+    /// published just after it, or unreadable.
+    Raced,
+    /// Impossible for a correct driver: the available index is unreadable,
+    /// more than the queue size ahead of the next one to pop, or behind it.
+    Broken(String),
+}
+
+fn ring_after_empty_pop(q: &virtio_queue::Queue, mem: &Mem) -> Ring {
+    match q.avail_idx(mem, Ordering::Acquire) {
+        Err(e) => Ring::Broken(format!("its available index cannot be read ({e})")),
+        Ok(avail) => {
+            let ahead = avail.0.wrapping_sub(q.next_avail());
+            if ahead == 0 {
+                Ring::Empty
+            } else if ahead <= q.size() {
+                Ring::Raced
+            } else {
+                Ring::Broken(format!(
+                    "its available index {} is {ahead} entries ahead of the next one to pop ({}) \
+                     in a queue of {} (or behind it)",
+                    avail.0,
+                    q.next_avail(),
+                    q.size()
+                ))
+            }
+        }
+    }
+}
