@@ -311,18 +311,10 @@ impl BlkBackend {
                     self.bad(w, head, "data buffer outside guest memory");
                     return Err(S_IOERR);
                 };
-                let end = req.sector.checked_add(req.data_len / SECTOR);
-                if end.is_none_or(|e| e > info.sectors) {
-                    self.bad(
-                        w,
-                        head,
-                        &format!(
-                            "sectors {}+{} beyond the end ({} sectors)",
-                            req.sector,
-                            req.data_len / SECTOR,
-                            info.sectors
-                        ),
-                    );
+                if let Err(e) =
+                    crate::disk::check_range(req.sector, req.data_len / SECTOR, info.sectors)
+                {
+                    self.bad(w, head, &e.to_string());
                     return Err(S_IOERR);
                 }
                 // SAFETY: the iovecs point into guest memory mapped by
@@ -376,8 +368,16 @@ impl BlkBackend {
                 };
                 let nsect = u64::from(r.num_sectors);
                 let end = r.sector.checked_add(nsect);
-                if end.is_none_or(|e| e > info.sectors) || nsect > u64::from(MAX_DISCARD_SECTORS) {
-                    self.bad(w, head, "discard/write-zeroes range beyond the end");
+                if let Err(e) = crate::disk::check_range(r.sector, nsect, info.sectors) {
+                    self.bad(w, head, &format!("discard/write-zeroes: {e}"));
+                    return Err(S_IOERR);
+                }
+                if nsect > u64::from(MAX_DISCARD_SECTORS) {
+                    self.bad(
+                        w,
+                        head,
+                        "discard/write-zeroes larger than max_discard_sectors",
+                    );
                     return Err(S_IOERR);
                 }
                 if req.rtype == RequestType::Discard {
@@ -445,10 +445,9 @@ impl BlkBackend {
 
     /// Stores a disk completion's status in its slot.
     fn record(&self, w: &mut Worker, c: &Completion) {
-        let status = match c.result {
-            Ok(()) => S_OK,
-            Err(e) if e == libc::EOPNOTSUPP => S_UNSUPP,
-            Err(e) => {
+        let status = crate::request::status_of(c.result);
+        if let Err(e) = c.result {
+            if status == S_IOERR {
                 self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 if w.limit.allow() {
                     log::warn!(
@@ -457,9 +456,8 @@ impl BlkBackend {
                         io::Error::from_raw_os_error(e)
                     );
                 }
-                S_IOERR
             }
-        };
+        }
         if let Some(s) = w.slot_mut(c.tag) {
             s.status = Some(status);
             if status != S_OK {
