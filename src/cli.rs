@@ -152,6 +152,12 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
     })?;
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;
+    // Before the disk is opened: a socket another daemon serves is refused
+    // at once, naming that daemon (held until the process exits).
+    let _claim = match &cfg.listen {
+        daemon::ListenOn::Path(p) => Some(daemon::SocketClaim::take(p)?),
+        daemon::ListenOn::Fd(_) => None,
+    };
     let opts = cfg.disk_options();
     let disk = match &cfg.disk {
         DiskSpec::Cow { cow, .. } => disk::open_cow(cow, &opts)?,

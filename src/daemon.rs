@@ -63,6 +63,86 @@ pub enum DaemonError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    /// Another daemon serves this socket.
+    #[error(
+        "socket {socket} is served by another vhost-user-ubd ({holder}; lock file {lock}): a \
+         second daemon would take the path over from it, and the next VM to connect would get \
+         this daemon's disk. Stop that daemon first, or give another --socket"
+    )]
+    SocketInUse {
+        /// The socket path.
+        socket: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// Who holds it ("pid N", as far as the lock file says).
+        holder: String,
+    },
+    /// The socket's lock file cannot be used.
+    #[error("cannot lock {lock} (the lock file of socket {socket}): {source}")]
+    SocketLock {
+        /// The socket path.
+        socket: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A socket path this process serves, claimed by an exclusive lock on
+/// `<socket>.pid` (holding the daemon's pid, as virtiofsd does) for the
+/// process's whole life: a second daemon on the same path is refused
+/// instead of unlinking the live socket and taking the path over; a socket
+/// file whose daemon is gone (no lock) is stale and replaced.
+#[derive(Debug)]
+pub struct SocketClaim {
+    _file: std::fs::File,
+}
+
+impl SocketClaim {
+    /// Claims `socket`.
+    pub fn take(socket: &std::path::Path) -> Result<Self, DaemonError> {
+        use std::io::{Read, Seek, Write};
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".pid");
+        let lock = PathBuf::from(name);
+        let err = |source| DaemonError::SocketLock {
+            socket: socket.to_path_buf(),
+            lock: lock.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .map_err(err)?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err(e));
+            }
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(DaemonError::SocketInUse {
+                socket: socket.to_path_buf(),
+                lock,
+                holder: if pid.is_empty() {
+                    "pid unknown".into()
+                } else {
+                    format!("pid {pid}")
+                },
+            });
+        }
+        f.set_len(0).map_err(err)?;
+        f.rewind().map_err(err)?;
+        writeln!(f, "{}", std::process::id()).map_err(err)?;
+        Ok(Self { _file: f })
+    }
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread it

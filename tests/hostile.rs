@@ -388,3 +388,46 @@ fn cow_headers_that_lie_are_refused_naming_file_and_field() {
         );
     }
 }
+
+/// A second daemon on a socket a daemon serves is refused, naming the
+/// holder; the first keeps serving its disk on that path. A socket file
+/// whose daemon died (kill -9) is stale and replaced.
+#[test]
+fn a_live_socket_is_never_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.img");
+    let other = dir.path().join("other.img");
+    std::fs::write(&one, vec![0x11u8; 1 << 20]).unwrap();
+    std::fs::write(&other, vec![0x22u8; 1 << 20]).unwrap();
+    let d = DaemonBuilder::new(dir.path()).name("s").raw(&one).spawn();
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(d.socket())
+        .arg("--raw")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", d.pid())) && text.contains("s.sock"),
+        "the refusal names the socket and the holder: {text}"
+    );
+    // The first daemon still owns the path and serves its own disk.
+    let mut c = connect(&d);
+    let mem = c.mem;
+    let got = client::read_at(c.q(0), mem, 0, 0, 4096).unwrap();
+    assert!(got.iter().all(|&b| b == 0x11), "the first daemon's disk");
+    drop(c);
+    d.kill();
+    // Its socket file is left behind, stale: a new daemon replaces it.
+    assert!(d.socket().exists());
+    let d2 = DaemonBuilder::new(dir.path()).name("s").raw(&other).spawn();
+    let mut c = connect(&d2);
+    let mem = c.mem;
+    let got = client::read_at(c.q(0), mem, 0, 0, 4096).unwrap();
+    assert!(got.iter().all(|&b| b == 0x22), "the new daemon's disk");
+    drop(c);
+    assert_eq!(d2.terminate().code(), Some(0));
+}
