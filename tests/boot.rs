@@ -287,6 +287,19 @@ fn tail(path: &Path, n: usize) -> String {
     )
 }
 
+/// A guest booting in the background (`run-vm.sh`): stopped if the test
+/// panics (run-vm.sh forwards SIGTERM to QEMU).
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = send_signal(self.0.id(), libc::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// One running `vhost-user-ubd serve`.
 struct Daemon {
     child: Child,
@@ -876,17 +889,6 @@ fn reconnect_after_sigkill() {
         .stderr(out_file)
         .spawn()
         .expect("run vm-images/run-vm.sh");
-    // stops the guest (run-vm.sh forwards SIGTERM to QEMU) if anything
-    // below panics
-    struct Vm(Child);
-    impl Drop for Vm {
-        fn drop(&mut self) {
-            if matches!(self.0.try_wait(), Ok(None)) {
-                let _ = send_signal(self.0.id(), libc::SIGTERM);
-                let _ = self.0.wait();
-            }
-        }
-    }
     let mut vm = Vm(child);
 
     let mark = format!("VUB: iter {RECONNECT_KILL_AFTER} ok");
@@ -1032,15 +1034,6 @@ fn fio_under_kill9(name: &'static str, serve_args: &[&str]) -> FioRun {
         .stderr(out_file)
         .spawn()
         .expect("run vm-images/run-vm.sh");
-    struct Vm(Child);
-    impl Drop for Vm {
-        fn drop(&mut self) {
-            if matches!(self.0.try_wait(), Ok(None)) {
-                let _ = send_signal(self.0.id(), libc::SIGTERM);
-                let _ = self.0.wait();
-            }
-        }
-    }
     let mut vm = Vm(child);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
