@@ -44,6 +44,10 @@ pub enum Command {
         /// Use this backing file instead of the header's.
         #[arg(long)]
         backing: Option<PathBuf>,
+        /// Where `serve` keeps the COW's crash journal (to report one left by
+        /// a daemon that died).
+        #[arg(long, default_value = "/dev/shm", value_name = "DIR")]
+        crash_journal: PathBuf,
         /// The COW file.
         cow: PathBuf,
     },

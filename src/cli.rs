@@ -67,7 +67,11 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { backing, cow } => Ok(check(&cow, backing.as_deref())),
+        Command::Check {
+            backing,
+            cow,
+            crash_journal,
+        } => Ok(check(&cow, backing.as_deref(), &crash_journal)),
     }
 }
 
@@ -103,7 +107,7 @@ fn print_report(r: &CowReport) {
     }
 }
 
-fn check(path: &Path, backing: Option<&Path>) -> ExitCode {
+fn check(path: &Path, backing: Option<&Path>, journal_dir: &Path) -> ExitCode {
     let opts = OpenCow {
         readonly: false,
         backing: backing.map(Path::to_path_buf),
@@ -121,6 +125,24 @@ fn check(path: &Path, backing: Option<&Path>) -> ExitCode {
                 f.bitmap.count_set(),
                 f.backing_path.display()
             );
+            match disk::cow::journal::pending(journal_dir, &f) {
+                Ok(disk::cow::journal::Pending::None) => {}
+                Ok(disk::cow::journal::Pending::Applies { path: j, sectors }) => println!(
+                    "{}: note: crash journal {} holds {sectors} sectors a daemon wrote and \
+                     completed before it died, not in the bitmap yet. Serve the COW once (the \
+                     daemon applies them; a clean stop writes their bits) before giving the file \
+                     to uml_moo or UML, which would read those sectors from the backing",
+                    path.display(),
+                    j.display()
+                ),
+                Ok(disk::cow::journal::Pending::Refused { path: j, why }) => println!(
+                    "{}: note: crash journal {} does not belong to this COW ({why}); `serve` \
+                     will set it aside",
+                    path.display(),
+                    j.display()
+                ),
+                Err(e) => println!("{}: note: {e}", path.display()),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -118,6 +118,26 @@ fn expect(c: &mut Client, sectors: &[u64], want: impl Fn(u64) -> Vec<u8>, what: 
     }
 }
 
+/// `vhost-user-ubd check` of a COW (retried while the killed daemon's lock
+/// drains).
+fn check_output(cow: &Path, journal_dir: &Path) -> String {
+    for _ in 0..100 {
+        let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
+            .arg("check")
+            .arg("--crash-journal")
+            .arg(journal_dir)
+            .arg(cow)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() || !text.contains("locked") {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{} stayed locked", cow.display());
+}
+
 const A: [u64; 4] = [8, 512, 2048, 4000];
 const B: [u64; 3] = [64, 1024, 3000];
 
@@ -130,6 +150,12 @@ fn completed_writes_come_back_and_a_clean_stop_removes_the_journal() {
     assert_eq!(s.journals().len(), 1, "a journal while serving");
     d.kill();
     drop(c);
+    // `check` names the pending journal (the UML tools would miss it).
+    let out = check_output(&cow, &s.journal_dir);
+    assert!(
+        out.contains("note: crash journal") && out.contains("holds 32 sectors"),
+        "{out}"
+    );
     let (d, mut c) = s.start(&cow);
     assert!(
         d.log()
@@ -183,6 +209,11 @@ fn a_journal_is_not_applied_to_a_copy_of_the_cow() {
         d.log()
     );
     expect(&mut c, &A, backing_sector, "copy");
+    drop(c);
+    assert_eq!(d.terminate().code(), Some(0));
+    // After the clean stop the copy's journal is gone; check has no note.
+    assert!(!check_output(&copy, &s.journal_dir).contains("note:"));
+    let (d, c) = s.start(&copy);
     drop(c);
     assert_eq!(d.terminate().code(), Some(0));
 }

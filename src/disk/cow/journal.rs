@@ -274,6 +274,57 @@ pub fn path_in(dir: &Path, id: &Identity) -> PathBuf {
     dir.join(format!("vhost-user-ubd-{:x}-{:x}.journal", id.dev, id.ino))
 }
 
+/// What is in `dir` for a COW, as `check` reports it.
+#[derive(Debug)]
+pub enum Pending {
+    /// No journal.
+    None,
+    /// A journal of this COW: `serve` would recover `sectors` sectors.
+    Applies {
+        /// The journal file.
+        path: PathBuf,
+        /// Sectors completed but not in the bitmap.
+        sectors: u64,
+    },
+    /// A journal that `serve` would set aside.
+    Refused {
+        /// The journal file.
+        path: PathBuf,
+        /// Why.
+        why: Mismatch,
+    },
+}
+
+/// Looks at the journal `serve` would find for `cow` in `dir`, changing
+/// nothing.
+pub fn pending(dir: &Path, cow: &CowFile) -> Result<Pending, JournalError> {
+    let id = Identity::of(cow)?;
+    let path = path_in(dir, &id);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Pending::None),
+        Err(source) => {
+            return Err(JournalError::Io {
+                path,
+                what: "opening",
+                source,
+            })
+        }
+    };
+    if let Err(why) = Journal::check(&f, &id, cow.bits_at_open) {
+        return Ok(Pending::Refused { path, why });
+    }
+    let runs = replay(&f, cow).map_err(|source| JournalError::Io {
+        path: path.clone(),
+        what: "reading the shadow bitmap",
+        source,
+    })?;
+    Ok(Pending::Applies {
+        path,
+        sectors: runs.iter().map(|r| r.end - r.start).sum(),
+    })
+}
+
 /// What opening a journal found.
 #[derive(Debug)]
 pub struct Opened {
