@@ -73,8 +73,10 @@ pub struct ServeArgs {
     /// Raw image to serve.
     #[arg(long, value_name = "FILE")]
     pub raw: Option<PathBuf>,
-    /// Virtqueues offered (must be at least the frontend's num-queues).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Virtqueues offered, the most a frontend may use (QEMU's num-queues
+    /// defaults to the vCPU count). A queue costs its io_uring only once the
+    /// frontend sends it a request.
+    #[arg(long, default_value_t = 16, value_name = "N")]
     pub queues: usize,
     /// Largest virtqueue size accepted (power of two).
     #[arg(long, default_value_t = 1024, value_name = "N")]

@@ -403,6 +403,8 @@ struct Scenario {
     steps: Vec<(String, Duration)>,
     /// Extra `serve` arguments.
     serve_args: Vec<String>,
+    /// Leave `--queues` out (the daemon's default).
+    default_queues: bool,
 }
 
 impl Scenario {
@@ -453,6 +455,7 @@ impl Scenario {
             starts: 0,
             steps: Vec::new(),
             serve_args: Vec::new(),
+            default_queues: false,
         };
         sc.note(&format!(
             "work dir {}, seed {}, setup {}",
@@ -498,8 +501,6 @@ impl Scenario {
             .arg(&self.sock)
             .arg("--cow")
             .arg(&self.cow)
-            .arg("--queues")
-            .arg(queues.to_string())
             .args(&self.serve_args)
             .env(
                 "RUST_LOG",
@@ -508,6 +509,9 @@ impl Scenario {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if !self.default_queues {
+            cmd.arg("--queues").arg(queues.to_string());
+        }
         // The scenario's own directory, never the shared /dev/shm.
         if !self.serve_args.iter().any(|a| a == "--crash-journal") {
             cmd.arg("--crash-journal").arg(&self.path);
@@ -582,14 +586,17 @@ impl Scenario {
 
     /// One boot; panics with the console and daemon log unless it passes.
     fn boot(&mut self, daemon: &Daemon, test: &str, queues: u32) -> Boot {
+        self.boot_with(daemon, test, queues, &[])
+    }
+
+    /// One boot with more `run-vm.sh` arguments (later ones win).
+    fn boot_with(&mut self, daemon: &Daemon, test: &str, queues: u32, more: &[&str]) -> Boot {
         let t = Instant::now();
+        let timeout = BOOT_TIMEOUT_S.to_string();
+        let mut extra = vec!["--timeout", timeout.as_str()];
+        extra.extend_from_slice(more);
         let out = self
-            .vm_cmd(
-                test,
-                queues,
-                &["--timeout", &BOOT_TIMEOUT_S.to_string()],
-                "",
-            )
+            .vm_cmd(test, queues, &extra, "")
             .output()
             .expect("run vm-images/run-vm.sh");
         let boot = Boot {
@@ -862,6 +869,27 @@ fn multiqueue_guest_sees_two_hw_queues() {
         b.vub_lines()
             .any(|l| l.starts_with("VUB: vda-ready ") && l.contains(" nr_hw_queues=2 ")),
         "{}",
+        b.out
+    );
+    assert!(b.has("VUB: mq-ok"), "{}", b.out);
+    sc.step("SIGTERM", daemon.stop());
+    sc.check_base_unchanged();
+    sc.finish();
+}
+
+/// The README's plain command lines: `serve` without `--queues`, QEMU
+/// without `num-queues` (it then uses the vCPU count, 4 here). The daemon
+/// offered one queue by default before, and QEMU gave up ("The maximum
+/// number of queues supported by the backend is 1").
+#[test]
+fn plain_command_lines_work_with_qemus_default_num_queues() {
+    let mut sc = Scenario::new("defaults");
+    sc.default_queues = true;
+    let daemon = sc.start_daemon(1);
+    let b = sc.boot_with(&daemon, "mq", 1, &["--queues", "0", "--smp", "4"]);
+    assert!(
+        b.has("VUB: nr_hw_queues=4 "),
+        "the guest does not see QEMU's default 4 queues:\n{}",
         b.out
     );
     assert!(b.has("VUB: mq-ok"), "{}", b.out);

@@ -8,7 +8,8 @@
 #   --socket SOCK      backend's unix socket (must listen, unless --reconnect)
 #   --test NAME        guest/tests/NAME.sh (rw verify ext4 ext4-verify mq reconnect none)
 #   --queues N         vhost-user-blk-pci num-queues (default 1; the backend
-#                      must offer at least N: QEMU exits at once otherwise)
+#                      must offer at least N: QEMU exits at once otherwise);
+#                      0: no num-queues, QEMU's default (the vCPU count)
 #   --reconnect        QEMU may start before the backend and reconnects when
 #                      it is restarted, retrying every second: -chardev
 #                      ...,reconnect-ms=1000 on QEMU >= 9.2, reconnect=1 before
@@ -104,6 +105,9 @@ if [ "$RECONNECT" = 1 ]; then
     CHR="$CHR,reconnect=$(( (RECONNECT_MS + 999) / 1000 ))"
   fi
 fi
+# --queues 0: QEMU picks num-queues itself (the vCPU count), which the
+# guest then sees.
+if [ "$QUEUES" = 0 ]; then NUMQ= GUEST_QUEUES=$SMP; else NUMQ=",num-queues=$QUEUES" GUEST_QUEUES=$QUEUES; fi
 FWCFG=()
 [ -n "$SCRIPT" ] && FWCFG=(-fw_cfg "name=opt/vub/script,file=$(esc "$SCRIPT")")
 
@@ -112,9 +116,9 @@ CMD=(timeout -k 5 "$TIMEOUT"
   -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on"
   -machine "q35,accel=$ACCEL,memory-backend=mem" -cpu "$CPU" -smp "$SMP" -m "${MEM}M"
   -chardev "$CHR"
-  -device "vhost-user-blk-pci,chardev=vub0,num-queues=$QUEUES"
+  -device "vhost-user-blk-pci,chardev=vub0${NUMQ}"
   -kernel "$KERNEL" -initrd "$INITRD"
-  -append "console=ttyS0 panic=-1 quiet vub.test=$TEST vub.queues=$QUEUES $EXTRA"
+  -append "console=ttyS0 panic=-1 quiet vub.test=$TEST vub.queues=$GUEST_QUEUES $EXTRA"
   -serial "file:$(esc "$LOG")" -no-reboot
   "${FWCFG[@]}")
 : > "$LOG"

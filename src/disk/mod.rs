@@ -14,6 +14,7 @@
 
 pub mod cow;
 pub mod extents;
+pub mod lazy;
 pub mod raw;
 
 use std::{
@@ -26,7 +27,10 @@ use std::{
 
 use thiserror::Error;
 
-use crate::cow::{file::read_header_bytes, header::has_cow_magic, CowFileError};
+use crate::{
+    cow::{file::read_header_bytes, header::has_cow_magic, CowFileError},
+    engine::EventFd,
+};
 
 /// Bytes per sector.
 pub const SECTOR: u64 = 512;
@@ -230,7 +234,15 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
     /// Size and capabilities.
     fn info(&self) -> &DiskInfo;
     /// A queue for one worker thread (its own io_uring).
-    fn new_queue(&self) -> Result<Box<dyn DiskQueue>, DiskError>;
+    fn new_queue(&self) -> Result<Box<dyn DiskQueue>, DiskError> {
+        let event = EventFd::new().map_err(|e| DiskError::Setup {
+            path: self.info().path.clone(),
+            source: e,
+        })?;
+        self.new_queue_on(Arc::new(event))
+    }
+    /// A queue whose completions signal `event` (see `lazy`).
+    fn new_queue_on(&self, event: Arc<EventFd>) -> Result<Box<dyn DiskQueue>, DiskError>;
     /// Switches between writeback (FLUSH needed) and writethrough (every
     /// write durable when it completes).
     fn set_writeback(&self, writeback: bool);

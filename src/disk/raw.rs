@@ -120,13 +120,12 @@ impl Disk for RawDisk {
         &self.shared.info
     }
 
-    fn new_queue(&self) -> Result<Box<dyn DiskQueue>, DiskError> {
+    fn new_queue_on(&self, event: Arc<EventFd>) -> Result<Box<dyn DiskQueue>, DiskError> {
         let s = &self.shared;
         let setup = |e| DiskError::Setup {
             path: s.info.path.clone(),
             source: e,
         };
-        let event = Arc::new(EventFd::new().map_err(setup)?);
         let mut engine = Engine::new(s.ring_entries, event).map_err(setup)?;
         engine.set_observer(s.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(RawQueue {

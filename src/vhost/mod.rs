@@ -133,7 +133,14 @@ impl BlkBackend {
             workers.push(Mutex::new(Worker {
                 index,
                 broken: false,
-                queue: disk.new_queue()?,
+                queue: Box::new(
+                    crate::disk::lazy::LazyQueue::new(disk.clone()).map_err(|e| {
+                        crate::disk::DiskError::Setup {
+                            path: disk.info().path.clone(),
+                            source: e,
+                        }
+                    })?,
+                ),
                 slots: VecDeque::new(),
                 base_seq: 0,
                 next_seq: 0,

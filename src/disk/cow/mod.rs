@@ -157,13 +157,12 @@ impl Disk for CowDisk {
         &self.shared.info
     }
 
-    fn new_queue(&self) -> Result<Box<dyn DiskQueue>, DiskError> {
+    fn new_queue_on(&self, event: Arc<EventFd>) -> Result<Box<dyn DiskQueue>, DiskError> {
         let s = &self.shared;
         let setup = |e| DiskError::Setup {
             path: s.info.path.clone(),
             source: e,
         };
-        let event = Arc::new(EventFd::new().map_err(setup)?);
         let mailbox = Arc::new(Mailbox::new(event.clone()));
         s.channel.register(&mailbox);
         let mut engine = Engine::new(s.opts.ring_entries, event).map_err(setup)?;
