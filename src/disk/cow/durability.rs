@@ -211,13 +211,44 @@ impl Meta {
                 );
             }
             if !self.shutdown.is_empty() && self.idle() {
-                let result = self.sticky_error.map_or(Ok(()), Err);
+                let result = self.shutdown_result();
                 for tx in self.shutdown.drain(..) {
                     let _ = tx.send(result);
                 }
                 return;
             }
         }
+    }
+
+    /// What shutdown reports: success only when every completed write is
+    /// durable with its bits. A bitmap write that failed (kept for a retry
+    /// that will not come) or bits still waiting mean the COW file alone
+    /// does not hold them: the crash journal must then stay.
+    fn shutdown_result(&self) -> Result<(), i32> {
+        if let Some(errno) = self.sticky_error {
+            return Err(errno);
+        }
+        if self.shared.opts.readonly {
+            return Ok(());
+        }
+        let waiting = self
+            .shared
+            .state
+            .lock()
+            .map_or(true, |s| !s.unpersisted.is_empty());
+        if !self.rewrite.is_empty() || waiting {
+            log::error!(
+                "{}: bits of completed writes could not be written at shutdown{}",
+                self.shared.info.path.display(),
+                if self.shared.journal.is_some() {
+                    "; the crash journal keeps them for the next daemon"
+                } else {
+                    ""
+                }
+            );
+            return Err(libc::EIO);
+        }
+        Ok(())
     }
 
     fn idle(&self) -> bool {
@@ -289,6 +320,14 @@ impl Meta {
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Flush(r) => {
+                if self.shared.opts.readonly {
+                    // Nothing is written, so everything is durable.
+                    r.mailbox.deliver(Completion {
+                        tag: r.tag,
+                        result: Ok(()),
+                    });
+                    return;
+                }
                 if let Some(errno) = self.sticky_error {
                     r.mailbox.deliver(Completion {
                         tag: r.tag,
@@ -324,12 +363,19 @@ impl Meta {
             Cmd::Kick => {}
             Cmd::Shutdown(tx) => {
                 self.shutdown.push(tx);
-                self.open_epoch().wanted = true;
+                // A read-only disk writes no bits (sectors a crash journal
+                // brought back are only routed to the COW, in memory).
+                if !self.shared.opts.readonly {
+                    self.open_epoch().wanted = true;
+                }
             }
         }
     }
 
     fn maybe_checkpoint(&mut self) {
+        if self.shared.opts.readonly {
+            return;
+        }
         let due = self.shared.state.lock().is_ok_and(|s| {
             s.checkpoint_requested
                 || s.since
