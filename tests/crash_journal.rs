@@ -138,6 +138,21 @@ fn check_output(cow: &Path, journal_dir: &Path) -> String {
     panic!("{} stayed locked", cow.display());
 }
 
+/// Context switches of every thread of process `pid` so far.
+fn context_switches(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|st| {
+            st.lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 const A: [u64; 4] = [8, 512, 2048, 4000];
 const B: [u64; 3] = [64, 1024, 3000];
 
@@ -319,6 +334,14 @@ fn a_read_only_daemon_applies_the_journal_and_keeps_it() {
     // Past a checkpoint's age, and a FLUSH: a read-only daemon writes no
     // bits (it used to try, and fail, every second) and its FLUSH succeeds.
     std::thread::sleep(std::time::Duration::from_millis(1300));
+    // ... and sleeps while idle (it has no checkpoint to wait for).
+    let before_cs = context_switches(d.pid());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let woke = context_switches(d.pid()) - before_cs;
+    assert!(
+        woke < 100,
+        "the idle read-only daemon woke {woke} times in 1 s"
+    );
     assert_eq!(client::flush(c.q(0)), 0, "FLUSH on the read-only device");
     drop(c);
     assert_eq!(d.terminate().code(), Some(0));

@@ -97,8 +97,11 @@ impl CowDisk {
                         for r in opened.recovered {
                             state.unpersisted.insert(r);
                         }
-                        // A checkpoint gives them their bits soon.
-                        state.since = Some(Instant::now());
+                        // A checkpoint gives them their bits soon (a
+                        // read-only disk writes none: no clock to wait on).
+                        if !opts.readonly {
+                            state.since = Some(Instant::now());
+                        }
                     }
                     opened.journal
                 }
