@@ -436,11 +436,9 @@ pub struct OutOfRange {
 /// asks this function: the vhost layer to answer the guest with a precise
 /// log line, the disks to refuse any caller).
 pub fn check_range(sector: u64, nsect: u64, sectors: u64) -> Result<(), OutOfRange> {
-    let inside = sector.checked_add(nsect).is_some_and(|end| end <= sectors)
-        && sector
-            .checked_add(nsect)
-            .and_then(|e| e.checked_mul(SECTOR))
-            .is_some();
+    let inside = sector
+        .checked_add(nsect)
+        .is_some_and(|end| end <= sectors && end.checked_mul(SECTOR).is_some());
     if inside {
         Ok(())
     } else {
