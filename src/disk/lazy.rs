@@ -108,8 +108,7 @@ impl DiskQueue for LazyQueue {
         match &self.inner {
             Some(q) => q.wait(timeout),
             None => {
-                let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
-                self.event.wait(ms);
+                self.event.wait_for(timeout);
             }
         }
     }

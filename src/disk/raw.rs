@@ -405,8 +405,7 @@ impl DiskQueue for RawQueue {
     }
 
     fn wait(&self, timeout: Option<Duration>) {
-        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
-        self.engine.event().wait(ms);
+        self.engine.event().wait_for(timeout);
     }
 
     fn in_flight(&self) -> usize {

@@ -58,6 +58,12 @@ impl EventFd {
         n == 8 && v > 0
     }
 
+    /// Blocks until the eventfd is readable or `timeout` passes (`None`:
+    /// forever).
+    pub fn wait_for(&self, timeout: Option<std::time::Duration>) -> bool {
+        self.wait(timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX)))
+    }
+
     /// Blocks until the eventfd is readable or `timeout_ms` passes (-1: forever).
     pub fn wait(&self, timeout_ms: i32) -> bool {
         let mut pfd = libc::pollfd {
