@@ -12,8 +12,13 @@
 
 use std::{
     ops::Range,
-    sync::atomic::{AtomicU8, Ordering},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
 };
+
+use crate::engine::{AtomicBytes, IoVecs};
 
 /// Bitmap byte holding a sector's bit.
 pub fn byte_of(sector: u64) -> u64 {
@@ -36,14 +41,15 @@ pub fn byte_range(sectors: Range<u64>) -> Range<u64> {
 
 /// The bitmap of a COW device, authoritative while the daemon runs.
 pub struct Bitmap {
-    bytes: Box<[AtomicU8]>,
+    /// Shared with the bitmap writes in flight, which own what they write.
+    mem: Arc<AtomicBytes>,
     nsect: u64,
 }
 
 impl std::fmt::Debug for Bitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bitmap")
-            .field("len", &self.bytes.len())
+            .field("len", &self.len())
             .field("nsect", &self.nsect)
             .finish()
     }
@@ -55,14 +61,10 @@ impl Bitmap {
     pub fn from_bytes(mut disk: Vec<u8>, nsect: u64) -> Self {
         let len = usize::try_from(nsect.div_ceil(8)).unwrap_or(usize::MAX);
         disk.resize(len, 0);
-        let boxed = disk.into_boxed_slice();
-        let len = boxed.len();
-        let ptr = Box::into_raw(boxed).cast::<AtomicU8>();
-        // SAFETY: `AtomicU8` has the same size, alignment and bit validity
-        // as `u8` (documented in std), and the allocation came from a
-        // `Box<[u8]>` of `len` elements, so it is a valid `Box<[AtomicU8]>`.
-        let bytes = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) };
-        Self { bytes, nsect }
+        Self {
+            mem: Arc::new(AtomicBytes::from_vec(disk)),
+            nsect,
+        }
     }
 
     /// Sectors covered.
@@ -72,16 +74,16 @@ impl Bitmap {
 
     /// Bytes of the in-memory bitmap.
     pub fn len(&self) -> u64 {
-        self.bytes.len() as u64
+        self.bytes().len() as u64
     }
 
     /// True for a bitmap of zero sectors.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.bytes().is_empty()
     }
 
     fn byte(&self, idx: u64) -> Option<&AtomicU8> {
-        usize::try_from(idx).ok().and_then(|i| self.bytes.get(i))
+        usize::try_from(idx).ok().and_then(|i| self.bytes().get(i))
     }
 
     /// Is the sector's data in the COW file? Out-of-range sectors are clear.
@@ -175,16 +177,18 @@ impl Bitmap {
             .collect()
     }
 
-    /// Pointer to a byte of the bitmap, for a write issued straight from
-    /// memory (R1). `None` if the range is not inside the bitmap.
-    pub fn as_ptr(&self, bytes: Range<u64>) -> Option<*const u8> {
-        if bytes.start > bytes.end || bytes.end > self.len() {
+    /// Bitmap bytes `bytes`, to write straight from memory (R1); the
+    /// write owns them (keeps the bitmap's memory alive) until reaped.
+    /// `None` when the range is not inside.
+    pub fn io_vecs(&self, bytes: Range<u64>) -> Option<IoVecs> {
+        if bytes.start > bytes.end {
             return None;
         }
-        let start = usize::try_from(bytes.start).ok()?;
-        // `AtomicU8::as_ptr` gives a `*mut u8` into the atomic's cell, valid
-        // for as long as `self` lives.
-        self.bytes.get(start..).map(|s| s.as_ptr().cast::<u8>())
+        self.mem.io_vecs(bytes)
+    }
+
+    fn bytes(&self) -> &[AtomicU8] {
+        self.mem.as_slice()
     }
 
     /// Sector runs `(start, end, set)` of uniform bit value covering `sectors`.
@@ -258,9 +262,9 @@ mod tests {
     }
 
     #[test]
-    fn as_ptr_stays_inside() {
+    fn io_vecs_stay_inside() {
         let bm = Bitmap::from_bytes(vec![1, 2, 3], 24);
-        assert!(bm.as_ptr(0..3).is_some());
-        assert!(bm.as_ptr(1..4).is_none());
+        assert!(bm.io_vecs(0..3).is_some());
+        assert!(bm.io_vecs(1..4).is_none());
     }
 }

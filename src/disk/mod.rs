@@ -29,11 +29,14 @@ use thiserror::Error;
 
 use crate::{
     cow::{file::read_header_bytes, header::has_cow_magic, CowFileError},
-    engine::EventFd,
+    engine::{AlignedBuf, EventFd},
 };
 
 /// Bytes per sector.
 pub const SECTOR: u64 = 512;
+
+/// Largest write of zeros in one operation (the write-zeroes fallback).
+pub(crate) const ZERO_OP_MAX: u64 = 32 << 20;
 
 /// Why a disk could not be opened or used.
 #[derive(Debug, Error)]
@@ -70,62 +73,7 @@ pub enum DiskError {
     },
 }
 
-/// Caller memory for a read or write.
-#[derive(Debug, Default)]
-pub struct IoVecs(Vec<libc::iovec>);
-
-// SAFETY: the pointers are only dereferenced by the kernel or by the engine
-// on behalf of the request, under the contract of `IoVecs::new`.
-unsafe impl Send for IoVecs {}
-
-impl IoVecs {
-    /// Wraps iovecs.
-    ///
-    /// # Safety
-    /// Each iovec must describe memory that stays valid (writable for reads,
-    /// readable for writes) and that nobody else accesses until the request
-    /// carrying it has completed (its [`Completion`] was returned by `poll`).
-    pub unsafe fn new(iov: Vec<libc::iovec>) -> Self {
-        Self(iov)
-    }
-
-    /// Total bytes.
-    pub fn len(&self) -> u64 {
-        self.0.iter().map(|v| v.iov_len as u64).sum()
-    }
-
-    /// True when no byte is described.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The iovecs.
-    pub fn as_slice(&self) -> &[libc::iovec] {
-        &self.0
-    }
-
-    /// Splits off the bytes `[from, from+len)` as a new iovec list.
-    pub fn slice(&self, from: u64, len: u64) -> Vec<libc::iovec> {
-        let mut out = Vec::new();
-        let (mut pos, end) = (0u64, from.saturating_add(len));
-        for v in &self.0 {
-            let (vs, ve) = (pos, pos + v.iov_len as u64);
-            pos = ve;
-            let (s, e) = (vs.max(from), ve.min(end));
-            if s < e {
-                out.push(libc::iovec {
-                    // SAFETY: `s - vs < iov_len`: stays inside this buffer.
-                    iov_base: unsafe { v.iov_base.cast::<u8>().add((s - vs) as usize) }.cast(),
-                    iov_len: (e - s) as usize,
-                });
-            }
-            if pos >= end {
-                break;
-            }
-        }
-        out
-    }
-}
+pub use crate::engine::IoVecs;
 
 /// An operation on the disk.
 #[derive(Debug)]
@@ -517,27 +465,26 @@ impl Blocking {
         }
     }
 
-    /// Reads into `buf` at `sector`.
+    /// Reads into `buf` at `sector` (through a buffer the op owns).
     pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), i32> {
-        let iov = vec![libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        // SAFETY: `buf` is borrowed mutably until `run` returns, which is
-        // after the request completed.
-        let iov = unsafe { IoVecs::new(iov) };
-        self.run(Op::Read { sector, iov })
+        let owned = AlignedBuf::new(buf.len()).map_err(|_| libc::ENOMEM)?;
+        let (iov, back) = IoVecs::from_buf(owned, buf.len());
+        self.run(Op::Read { sector, iov })?;
+        let owned = back.take().ok_or(libc::EIO)?;
+        let src = owned.as_slice().get(..buf.len()).ok_or(libc::EIO)?;
+        buf.copy_from_slice(src);
+        Ok(())
     }
 
-    /// Writes `buf` at `sector`.
+    /// Writes `buf` at `sector` (through a buffer the op owns).
     pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), i32> {
-        let iov = vec![libc::iovec {
-            iov_base: buf.as_ptr().cast_mut().cast(),
-            iov_len: buf.len(),
-        }];
-        // SAFETY: `buf` is borrowed until `run` returns, after completion;
-        // the kernel only reads it.
-        let iov = unsafe { IoVecs::new(iov) };
+        let mut owned = AlignedBuf::new(buf.len()).map_err(|_| libc::ENOMEM)?;
+        owned
+            .as_mut_slice()
+            .get_mut(..buf.len())
+            .ok_or(libc::EIO)?
+            .copy_from_slice(buf);
+        let (iov, _back) = IoVecs::from_buf(owned, buf.len());
         self.run(Op::Write { sector, iov })
     }
 

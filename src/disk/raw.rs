@@ -28,13 +28,8 @@ use super::{
 };
 use crate::{
     cow::file::ofd_lock,
-    engine::{Engine, EventFd, IoDone, IoKind, IoOp},
+    engine::{Engine, EventFd, IoDone, IoKind, IoOp, IoVecs},
 };
-
-/// Bytes of zeros shared by the write-zeroes fallback.
-const ZERO_CHUNK: usize = 64 * 1024;
-/// Largest single fallback write.
-const ZERO_OP_MAX: u64 = 512 * ZERO_CHUNK as u64;
 
 /// A raw image file.
 #[derive(Debug)]
@@ -49,7 +44,6 @@ struct Shared {
     writeback: AtomicBool,
     closed: AtomicBool,
     ring_entries: u32,
-    zeros: crate::engine::AlignedBuf,
     observer: Option<super::Observer>,
     /// `O_DIRECT` writes go through Linux AIO (`--aio native`).
     aio_writes: bool,
@@ -93,7 +87,6 @@ impl RawDisk {
                 len % SECTOR
             );
         }
-        let zeros = crate::engine::AlignedBuf::new(ZERO_CHUNK).map_err(open_err)?;
         let shared = Arc::new(Shared {
             info: DiskInfo {
                 sectors: len / SECTOR,
@@ -107,7 +100,6 @@ impl RawDisk {
             writeback: AtomicBool::new(opts.writeback),
             closed: AtomicBool::new(false),
             ring_entries: opts.ring_entries,
-            zeros,
             observer: opts.observer.clone(),
             aio_writes: opts.aio == AioMode::Native,
         });
@@ -200,13 +192,7 @@ impl RawQueue {
     }
 
     fn push(&mut self, key: usize, op: std::io::Result<IoOp>) {
-        let r = op.and_then(|op| {
-            // SAFETY: the iovecs come from `IoVecs`, whose contract keeps the
-            // memory valid until the request's completion, which we only
-            // report after this op's `IoDone`; or from the shared zero
-            // buffer, which `self.shared` keeps alive and nobody writes.
-            unsafe { self.engine.push(op) }
-        });
+        let r = op.and_then(|op| self.engine.push(op));
         if let Some(slot) = self.slots.get_mut(key) {
             match r {
                 Ok(()) => slot.remaining += 1,
@@ -217,26 +203,18 @@ impl RawQueue {
 
     fn zero_ops(&mut self, key: usize, mut offset: u64, mut len: u64) {
         while len > 0 {
-            let n = len.min(ZERO_OP_MAX);
-            let mut iov = Vec::new();
-            let mut left = n;
-            while left > 0 {
-                let c = left.min(ZERO_CHUNK as u64);
-                iov.push(libc::iovec {
-                    iov_base: self.shared.zeros.as_mut_ptr().cast(),
-                    iov_len: c as usize,
-                });
-                left -= c;
-            }
+            let n = len.min(crate::disk::ZERO_OP_MAX);
             let dsync = !self.writeback;
-            let op = IoOp::rw(
-                IoKind::Write { dsync },
-                self.fd,
-                offset,
-                iov,
-                self.info.direct,
-                key as u64,
-            );
+            let op = IoVecs::zeros(n).and_then(|iov| {
+                IoOp::rw(
+                    IoKind::Write { dsync },
+                    self.fd,
+                    offset,
+                    iov,
+                    self.info.direct,
+                    key as u64,
+                )
+            });
             self.push(key, op);
             offset += n;
             len -= n;
@@ -295,7 +273,7 @@ impl DiskQueue for RawQueue {
                     IoKind::Read,
                     self.fd,
                     sector * SECTOR,
-                    iov.0,
+                    iov,
                     direct,
                     key as u64,
                 );
@@ -308,7 +286,7 @@ impl DiskQueue for RawQueue {
                 // io-wq threads, and overwrites complete sooner too (see
                 // `AioMode`).
                 let aio = direct && self.shared.aio_writes;
-                let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov.0, direct, key as u64)
+                let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov, direct, key as u64)
                     .map(|op| if aio { op.via_aio() } else { op });
                 self.push(key, op);
             }

@@ -1,9 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! I/O engines. One [`uring::Engine`] per queue worker (and one for the
 //! COW durability thread); nothing here knows about COW or virtio.
+//! [`buffers`] holds what keeps memory handed to the kernel alive.
 
 pub mod aio;
+pub mod buffers;
+pub mod hooks;
 pub mod shm;
 pub mod uring;
 
-pub use uring::{AlignedBuf, Engine, EventFd, IoDone, IoKind, IoObserver, IoOp};
+pub use buffers::{AlignedBuf, AtomicBytes, BufReturn, IoVecs, Owner};
+pub use uring::{Engine, EventFd, IoDone, IoKind, IoObserver, IoOp};

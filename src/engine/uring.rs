@@ -2,27 +2,25 @@
 //! The io_uring engine: many operations in flight, completions signalled on
 //! an eventfd that the owner polls together with its other descriptors.
 //!
-//! Invariant: an operation owns its iovec array (and bounce buffer) from
+//! Invariant: an operation owns its iovec array, its bounce buffer and the
+//! memory its iovecs point to (an [`IoVecs`] and its owner) from
 //! [`Engine::push`] until its [`IoDone`] is returned by [`Engine::reap`],
-//! so the kernel never sees a freed iovec. The memory the iovecs point to
-//! belongs to the caller, who promises (the safety contract of `push`) to
-//! keep it valid until then. Short reads and writes are continued here;
+//! and an engine is only dropped once every operation was reaped: the
+//! kernel never sees freed or unmapped memory. Short reads and writes are continued here;
 //! a read that reaches end of file zero-fills the rest of its buffers.
 
 use std::{
-    alloc::Layout,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    ptr::NonNull,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
-/// Alignment used for `O_DIRECT` bounce buffers and the alignment checks.
-pub const DIRECT_ALIGN: usize = 512;
-const BOUNCE_ALIGN: usize = 4096;
+use super::buffers::IoVecs;
+pub use super::buffers::{AlignedBuf, DIRECT_ALIGN};
 
 /// A non-blocking eventfd.
 #[derive(Debug)]
@@ -83,44 +81,6 @@ impl AsRawFd for EventFd {
     }
 }
 
-/// A heap buffer aligned for `O_DIRECT`.
-#[derive(Debug)]
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: the buffer is uniquely owned heap memory.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: `&AlignedBuf` only hands out a raw pointer; every access through
-// it is an `unsafe` operation whose caller answers for data races.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes (rounded up to the alignment).
-    pub fn new(len: usize) -> io::Result<Self> {
-        let size = len.max(1).div_ceil(BOUNCE_ALIGN) * BOUNCE_ALIGN;
-        let layout = Layout::from_size_align(size, BOUNCE_ALIGN)
-            .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Self { ptr, layout })
-    }
-
-    /// Start of the buffer.
-    pub fn as_mut_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
 /// What an operation does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoKind {
@@ -148,10 +108,12 @@ pub struct IoOp {
     kind: IoKind,
     fd: RawFd,
     offset: u64,
-    /// What the kernel sees (the caller's iovecs, or one into `bounce`).
+    /// What the kernel sees: the caller's iovecs (advanced past what a short
+    /// transfer did), or one into `bounce`.
     iov: Vec<libc::iovec>,
-    /// The caller's iovecs when a bounce buffer stands in for them.
-    caller_iov: Vec<libc::iovec>,
+    /// The caller's memory and what keeps it valid: held until the op is
+    /// reaped (see `engine::buffers`).
+    mem: IoVecs,
     bounce: Option<AlignedBuf>,
     total: usize,
     done: usize,
@@ -162,11 +124,13 @@ pub struct IoOp {
     prefer_aio: bool,
     /// The AIO control block while submitted through AIO.
     iocb: Option<Box<super::aio::Iocb>>,
+    /// Test hook: not handed to the kernel before this instant.
+    hold_until: Option<Instant>,
 }
 
-// SAFETY: the raw pointers in the iovecs refer to memory that the submitter
-// promised (the contract of `Engine::push`) stays valid and unaliased until
-// completion, whichever thread reaps it.
+// SAFETY: the raw pointers in `iov` point into `mem` (valid while it and its
+// owner live, by `IoVecs`' constructors) or into `bounce`, both owned by
+// the op, whichever thread reaps it.
 unsafe impl Send for IoOp {}
 
 fn iov_total(iov: &[libc::iovec]) -> usize {
@@ -204,46 +168,52 @@ unsafe fn copy_iov(buf: *mut u8, iov: &[libc::iovec], to_iov: bool) {
 }
 
 impl IoOp {
-    /// A vectored read or write. With `direct`, misaligned requests go
-    /// through a bounce buffer.
-    pub fn rw(
-        kind: IoKind,
-        fd: RawFd,
-        offset: u64,
-        iov: Vec<libc::iovec>,
-        direct: bool,
-        tag: u64,
-    ) -> io::Result<Self> {
-        let total = iov_total(&iov);
-        let mut op = Self {
+    fn new(kind: IoKind, fd: RawFd, offset: u64, mem: IoVecs, tag: u64) -> Self {
+        Self {
             kind,
             fd,
             offset,
-            iov,
-            caller_iov: Vec::new(),
+            iov: mem.as_slice().to_vec(),
+            total: iov_total(mem.as_slice()),
+            mem,
             bounce: None,
-            total,
             done: 0,
             tag,
             sync_token: 0,
             prefer_aio: false,
             iocb: None,
-        };
+            hold_until: None,
+        }
+    }
+
+    /// A vectored read or write of `mem`, which the op owns until it is
+    /// reaped. With `direct`, misaligned requests go through a bounce
+    /// buffer. A read into write-only memory is refused (`EINVAL`).
+    pub fn rw(
+        kind: IoKind,
+        fd: RawFd,
+        offset: u64,
+        mem: IoVecs,
+        direct: bool,
+        tag: u64,
+    ) -> io::Result<Self> {
+        if kind == IoKind::Read && !mem.writable() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut op = Self::new(kind, fd, offset, mem, tag);
         if direct && !aligned(&op.iov, offset) {
+            let total = op.total;
             let buf = AlignedBuf::new(total)?;
             if matches!(kind, IoKind::Write { .. }) {
-                // SAFETY: the caller's iovecs are valid for reads (contract of
-                // `Engine::push`, which this op is built for) and the buffer
-                // holds `total` bytes.
-                unsafe { copy_iov(buf.as_mut_ptr(), &op.iov, false) };
+                // SAFETY: the caller's memory is valid for reads (`IoVecs`'
+                // contract, held by `op.mem`) and the buffer holds `total`
+                // bytes.
+                unsafe { copy_iov(buf.as_mut_ptr(), op.mem.as_slice(), false) };
             }
-            op.caller_iov = std::mem::replace(
-                &mut op.iov,
-                vec![libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: total.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN,
-                }],
-            );
+            op.iov = vec![libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: total.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN,
+            }];
             op.bounce = Some(buf);
         }
         Ok(op)
@@ -251,38 +221,18 @@ impl IoOp {
 
     /// An `fdatasync`.
     pub fn fsync(fd: RawFd, tag: u64) -> Self {
-        Self {
-            kind: IoKind::Fsync,
-            fd,
-            offset: 0,
-            iov: Vec::new(),
-            caller_iov: Vec::new(),
-            bounce: None,
-            total: 0,
-            done: 0,
-            tag,
-            sync_token: 0,
-            prefer_aio: false,
-            iocb: None,
-        }
+        Self::new(IoKind::Fsync, fd, 0, IoVecs::default(), tag)
     }
 
     /// An `fallocate`.
     pub fn fallocate(fd: RawFd, offset: u64, len: u64, mode: i32, tag: u64) -> Self {
-        Self {
-            kind: IoKind::Fallocate { mode, len },
+        Self::new(
+            IoKind::Fallocate { mode, len },
             fd,
             offset,
-            iov: Vec::new(),
-            caller_iov: Vec::new(),
-            bounce: None,
-            total: 0,
-            done: 0,
+            IoVecs::default(),
             tag,
-            sync_token: 0,
-            prefer_aio: false,
-            iocb: None,
-        }
+        )
     }
 
     /// Submits a write through Linux AIO instead of io_uring: for
@@ -298,8 +248,8 @@ impl IoOp {
         let mut out = Vec::with_capacity(n);
         for v in &self.iov {
             let take = v.iov_len.min(n - out.len());
-            // SAFETY: the iovecs are valid for reads until completion
-            // (contract of `Engine::push`); we read `take <= iov_len` bytes.
+            // SAFETY: the iovecs are valid for reads until completion (held
+            // by `self.mem` or `self.bounce`); we read `take <= iov_len` bytes.
             let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), take) };
             out.extend_from_slice(src);
             if out.len() == n {
@@ -357,8 +307,8 @@ impl IoOp {
     /// End of file: zero what is left of the kernel-side buffers.
     fn zero_rest(&mut self) {
         for v in &self.iov {
-            // SAFETY: the iovecs are valid for writes until completion
-            // (contract of `Engine::push`, or our own bounce buffer).
+            // SAFETY: a read's iovecs are valid for writes until completion
+            // (writable `IoVecs` held by `self.mem`, or our bounce buffer).
             unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
         }
         self.iov.clear();
@@ -366,9 +316,9 @@ impl IoOp {
 
     fn finish(&mut self) {
         if let (IoKind::Read, Some(buf)) = (self.kind, &self.bounce) {
-            // SAFETY: the caller's iovecs are valid for writes (contract of
-            // `Engine::push`) and the bounce buffer holds their total.
-            unsafe { copy_iov(buf.as_mut_ptr(), &self.caller_iov, true) };
+            // SAFETY: a read's memory is writable (checked in `rw`) and valid
+            // while `self.mem` lives; the bounce buffer holds its total.
+            unsafe { copy_iov(buf.as_mut_ptr(), self.mem.as_slice(), true) };
         }
     }
 }
@@ -411,6 +361,8 @@ pub struct Engine {
     stash: Vec<(u64, i32)>,
     /// Linux AIO could not be set up: never try again.
     aio_failed: bool,
+    /// Ops the write-hold test hook keeps from the kernel for now.
+    held: Vec<usize>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -438,6 +390,7 @@ impl Engine {
             observer: None,
             stash: Vec::new(),
             aio_failed: false,
+            held: Vec::new(),
         })
     }
 
@@ -458,9 +411,8 @@ impl Engine {
 
     fn push_sqe(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: the SQE's pointers (iovec array, buffers) stay valid
-            // until completion: the array lives in the op owned by `self.ops`
-            // and the buffers are covered by the contract of `push`.
+            // SAFETY: the SQE's pointers (iovec array, memory) stay valid
+            // until completion: both are owned by the op in `self.ops`.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 self.queued += 1;
                 return Ok(());
@@ -484,51 +436,87 @@ impl Engine {
     }
 
     /// Queues an operation (it reaches the kernel at the next
-    /// [`Self::submit`], or earlier if the ring is full).
-    ///
-    /// # Safety
-    /// The memory described by the op's iovecs must stay valid (writable for
-    /// reads, readable for writes) and must not be accessed by anyone else
-    /// until the op's [`IoDone`] has been returned by [`Self::reap`].
-    pub unsafe fn push(&mut self, mut op: IoOp) -> io::Result<()> {
+    /// [`Self::submit`], or earlier if the ring is full). The op owns its
+    /// memory (see `engine::buffers`) until [`Self::reap`] returns it.
+    pub fn push(&mut self, mut op: IoOp) -> io::Result<()> {
         if let (IoKind::Fsync, Some(obs)) = (op.kind, &self.observer) {
             op.sync_token = obs.on_sync_start(op.fd);
         }
-        if matches!(op.kind, IoKind::Read | IoKind::Write { .. }) && op.total == 0 {
-            let entry = self.ops.vacant_entry();
-            let key = entry.key() as u64;
-            entry.insert(op);
-            // A zero-length transfer completes at once through a no-op.
-            return self.push_sqe(&opcode::Nop::new().build().user_data(key));
-        }
-        if op.prefer_aio && self.aio_ready() {
-            let entry = self.ops.vacant_entry();
-            let key = entry.key() as u64;
-            let mut iocb = Box::new(super::aio::Iocb::pwritev(
-                op.fd,
-                &op.iov,
-                op.offset,
-                key,
-                self.event.as_raw_fd(),
-            ));
-            let ptr: *mut super::aio::Iocb = &raw mut *iocb;
-            op.iocb = Some(iocb);
-            entry.insert(op);
-            if let Some(aio) = &mut self.aio {
-                // SAFETY: the iocb is boxed in the op, which stays in
-                // `self.ops` until its completion is reaped; its iovec array
-                // and buffers are covered by this function's contract.
-                unsafe { aio.push(ptr) };
-            }
+        let hold = match op.kind {
+            IoKind::Write { .. } if op.total > 0 => super::hooks::hold_write(),
+            _ => None,
+        };
+        op.hold_until = hold.map(|h| Instant::now() + h);
+        let entry = self.ops.vacant_entry();
+        let key = entry.key();
+        entry.insert(op);
+        if let Some(h) = hold {
+            self.held.push(key);
+            let event = self.event.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(h);
+                event.signal();
+            });
             return Ok(());
         }
-        let entry = self.ops.vacant_entry();
-        let key = entry.key() as u64;
-        let sqe = op.sqe(key);
-        entry.insert(op);
+        self.start(key)
+    }
+
+    /// Hands op `key` (in `self.ops`) to the kernel.
+    fn start(&mut self, key: usize) -> io::Result<()> {
+        let Some(op) = self.ops.get_mut(key) else {
+            return Ok(());
+        };
+        let tag = key as u64;
+        if matches!(op.kind, IoKind::Read | IoKind::Write { .. }) && op.total == 0 {
+            // A zero-length transfer completes at once through a no-op.
+            return self.push_sqe(&opcode::Nop::new().build().user_data(tag));
+        }
+        if op.prefer_aio && self.aio_ready() {
+            if let (Some(op), Some(aio)) = (self.ops.get_mut(key), self.aio.as_mut()) {
+                let mut iocb = Box::new(super::aio::Iocb::pwritev(
+                    op.fd,
+                    &op.iov,
+                    op.offset,
+                    tag,
+                    self.event.as_raw_fd(),
+                ));
+                let ptr: *mut super::aio::Iocb = &raw mut *iocb;
+                op.iocb = Some(iocb);
+                // SAFETY: the iocb is boxed in the op, which stays in
+                // `self.ops` until its completion is reaped; so do its iovec
+                // array and the memory it points to (owned by the op).
+                unsafe { aio.push(ptr) };
+                return Ok(());
+            }
+        }
+        let Some(op) = self.ops.get(key) else {
+            return Ok(());
+        };
+        let sqe = op.sqe(tag);
         if let Err(e) = self.push_sqe(&sqe) {
-            self.ops.try_remove(key as usize);
+            self.ops.try_remove(key);
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Starts held ops whose time came (test hook).
+    fn release_held(&mut self) -> io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let (due, later): (Vec<usize>, Vec<usize>) =
+            std::mem::take(&mut self.held).into_iter().partition(|k| {
+                self.ops
+                    .get(*k)
+                    .and_then(|op| op.hold_until)
+                    .is_none_or(|t| t <= now)
+            });
+        self.held = later;
+        for key in due {
+            self.start(key)?;
         }
         Ok(())
     }
@@ -571,6 +559,7 @@ impl Engine {
     /// Hands queued submissions to the kernel, and brings completions the
     /// kernel kept aside while the completion queue was full back into it.
     pub fn submit(&mut self) -> io::Result<()> {
+        self.release_held()?;
         self.submit_aio()?;
         if self.queued == 0 && !self.ring_needs_enter() {
             return Ok(());
@@ -611,6 +600,12 @@ impl Engine {
         if self.ops.is_empty() || !self.stash.is_empty() {
             return Ok(());
         }
+        if !self.held.is_empty() {
+            // Held ops are not in the kernel: their timer signals the event.
+            self.submit()?;
+            self.event.wait(100);
+            return Ok(());
+        }
         if self.aio.as_ref().is_some_and(|a| a.in_flight() > 0) {
             // AIO completions only signal the eventfd.
             self.submit()?;
@@ -630,6 +625,7 @@ impl Engine {
     /// Collects finished operations; continues short transfers.
     pub fn reap(&mut self, out: &mut Vec<IoDone>) -> io::Result<()> {
         self.event.drain();
+        self.release_held()?;
         loop {
             let mut batch: Vec<(u64, i32)> = std::mem::take(&mut self.stash);
             batch.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
@@ -733,6 +729,38 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// Never frees an op the kernel may still use: waits for every one (a
+    /// stuck one is logged every minute and waited for); when waiting itself
+    /// fails, the ops and their memory are leaked instead of freed.
+    fn drop(&mut self) {
+        let start = Instant::now();
+        let mut report = Duration::from_secs(60);
+        let mut out = Vec::new();
+        while !self.ops.is_empty() {
+            if let Err(e) = self.wait().and_then(|()| self.reap(&mut out)) {
+                log::error!(
+                    "dropping an I/O engine with {} operations in flight: cannot wait for them \
+                     ({e}); leaking their memory rather than freeing what the kernel may use",
+                    self.ops.len()
+                );
+                std::mem::forget(std::mem::take(&mut self.ops));
+                std::mem::forget(self.aio.take());
+                return;
+            }
+            out.clear();
+            if !self.ops.is_empty() && start.elapsed() >= report {
+                log::error!(
+                    "an I/O engine waits for {} operations still in flight after {} s",
+                    self.ops.len(),
+                    start.elapsed().as_secs()
+                );
+                report += Duration::from_secs(60);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -787,14 +815,14 @@ mod tests {
             IoKind::Write { dsync: false },
             f.as_raw_fd(),
             65536,
-            iov,
+            // SAFETY: the buffers outlive the engine (drained below).
+            unsafe { IoVecs::new(iov) },
             true,
             9,
         )
         .unwrap()
         .via_aio();
-        // SAFETY: `buf` outlives the drain below.
-        unsafe { e.push(op).unwrap() };
+        e.push(op).unwrap();
         e.submit().unwrap();
         assert!(e.event().wait(5000), "no completion signalled");
         let mut out = vec![];
@@ -840,14 +868,14 @@ mod tests {
                 IoKind::Write { dsync: false },
                 f.as_raw_fd(),
                 off,
-                iov,
+                // SAFETY: the buffers outlive the engine (drained below).
+                unsafe { IoVecs::new(iov) },
                 true,
                 100 + i as u64,
             )
             .unwrap()
             .via_aio();
-            // SAFETY: `buf` outlives the drain below.
-            unsafe { e.push(op).unwrap() };
+            e.push(op).unwrap();
         }
         e.submit().unwrap();
         let mut out = vec![];
@@ -890,14 +918,13 @@ mod tests {
                 IoKind::Read,
                 f.as_raw_fd(),
                 (i * 512) as u64,
-                vec![iov(b)],
+                // SAFETY: the buffers outlive the engine (drained below).
+                unsafe { IoVecs::new(vec![iov(b)]) },
                 false,
                 i as u64,
             )
             .unwrap();
-            // SAFETY: `bufs` outlives every completion (collected below or
-            // leaked with the engine on failure).
-            unsafe { e.push(op).unwrap() };
+            e.push(op).unwrap();
         }
         e.submit().unwrap();
         let mut out = vec![];
@@ -935,13 +962,13 @@ mod tests {
             IoKind::Read,
             f.as_raw_fd(),
             0,
-            vec![iov(&mut buf)],
+            // SAFETY: the buffers outlive the engine (drained below).
+            unsafe { IoVecs::new(vec![iov(&mut buf)]) },
             false,
             5,
         )
         .unwrap();
-        // SAFETY: `buf` outlives the drain below.
-        unsafe { e.push(op).unwrap() };
+        e.push(op).unwrap();
         let mut out = vec![];
         e.drain_all(&mut out).unwrap();
         assert_eq!(
@@ -965,13 +992,13 @@ mod tests {
             IoKind::Write { dsync: true },
             f.as_raw_fd(),
             512,
-            vec![iov(&mut a), iov(&mut b)],
+            // SAFETY: the buffers outlive the engine (drained below).
+            unsafe { IoVecs::new(vec![iov(&mut a), iov(&mut b)]) },
             true,
             1,
         )
         .unwrap();
-        // SAFETY: buffers outlive the drain.
-        unsafe { e.push(op).unwrap() };
+        e.push(op).unwrap();
         let mut out = vec![];
         e.drain_all(&mut out).unwrap();
         assert_eq!(out[0].result, 512);
@@ -985,13 +1012,13 @@ mod tests {
             IoKind::Read,
             f.as_raw_fd(),
             512,
-            vec![iov(&mut c), iov(&mut d)],
+            // SAFETY: the buffers outlive the engine (drained below).
+            unsafe { IoVecs::new(vec![iov(&mut c), iov(&mut d)]) },
             true,
             2,
         )
         .unwrap();
-        // SAFETY: buffers outlive the drain.
-        unsafe { e.push(op).unwrap() };
+        e.push(op).unwrap();
         out.clear();
         e.drain_all(&mut out).unwrap();
         assert_eq!(out[0].result, 512);

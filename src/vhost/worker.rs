@@ -60,7 +60,8 @@ pub(super) struct Slot {
     status: Option<u8>,
     /// Bytes written into device-writable buffers before the status.
     data_in: u32,
-    /// Keeps guest memory mapped while the disk uses the iovecs.
+    /// The guest memory its status byte is written to (the disk operations
+    /// own the mapping their iovecs point into themselves).
     mem: Arc<Mem>,
 }
 
@@ -98,14 +99,17 @@ impl Worker {
     }
 
     /// Waits for every disk request and forgets every slot (disconnect or
-    /// reset: the ring they belong to is gone). The slots keep the guest
-    /// memory their requests' iovecs point into mapped, so they are only
-    /// dropped once the kernel is done with those iovecs: a stuck request is
-    /// logged and waited for, never abandoned on a timeout.
+    /// reset: the ring they belong to is gone). The operations own the
+    /// guest memory their iovecs point into, so nothing here could free it
+    /// early; the wait is for ordering: the next frontend replays requests
+    /// that did not complete, and an old write landing after a newer one
+    /// would overwrite it. A stuck request is logged (every minute) and
+    /// waited for, never abandoned on a timeout.
     pub(super) fn discard_all(&mut self) {
         self.parked.clear();
         let start = Instant::now();
-        let mut next_report = Duration::from_secs(60);
+        let every = crate::engine::hooks::drain_report();
+        let mut next_report = every;
         while self.queue.in_flight() > 0 {
             let _ = self.queue.commit();
             self.queue.wait(Some(Duration::from_millis(100)));
@@ -113,13 +117,13 @@ impl Worker {
             self.done.clear();
             if self.queue.in_flight() > 0 && start.elapsed() >= next_report {
                 log::error!(
-                    "queue {}: {} disk requests still in flight after {} s; waiting for them \
-                     (the kernel may still use their guest memory)",
+                    "queue {}: {} disk requests still in flight after {} ms; waiting for them \
+                     before the next frontend is served (they own their guest memory)",
                     self.index,
                     self.queue.in_flight(),
-                    start.elapsed().as_secs()
+                    start.elapsed().as_millis()
                 );
-                next_report += Duration::from_secs(60);
+                next_report += every;
             }
         }
         self.slots.clear();
@@ -317,11 +321,14 @@ impl BlkBackend {
                     self.bad(w, head, &e.to_string());
                     return Err(S_IOERR);
                 }
+                let owner: crate::engine::Owner = mem.clone();
                 // SAFETY: the iovecs point into guest memory mapped by
-                // `mem`, which the slot keeps alive until the request's
-                // completion; the guest does not touch buffers it handed to
-                // the device until the used ring says so.
-                let iov = unsafe { IoVecs::new(iov) };
+                // `mem` (checked by `iovecs`), which the disk operations own
+                // through `owner` until they are reaped, whatever happens to
+                // this slot or the connection; the guest does not touch
+                // buffers it handed to the device until the used ring says
+                // so.
+                let iov = unsafe { IoVecs::with_owner(iov, Some(owner)) };
                 Ok(Some(if req.rtype == RequestType::In {
                     Op::Read {
                         sector: req.sector,

@@ -3,7 +3,7 @@
 //!
 //! - **R1 direct bitmap writes.** A bitmap write covers bitmap bytes
 //!   `[b0, b1)` and is issued straight from the in-memory bitmap
-//!   ([`Issued::ptr`]) at file offset `bitmap_offset + b0`; there is no copy.
+//!   ([`Issued::mem`]) at file offset `bitmap_offset + b0`; there is no copy.
 //! - **R2 late bits.** A write's bits are set in memory only in
 //!   [`BitmapWriteback::submit`] / [`BitmapWriteback::complete`], at the
 //!   moment the write is handed out for issue, never while it waits. The
@@ -32,6 +32,7 @@ use std::{
 
 use crate::cow::{bitmap::byte_range, Bitmap, Geometry};
 use crate::disk::extents::ExtentSet;
+use crate::engine::IoVecs;
 
 /// Identifies one bitmap write.
 pub type WriteId = u64;
@@ -46,33 +47,24 @@ pub struct Issued<T> {
     pub bytes: Range<u64>,
     /// File offset: `bitmap_offset + b0`.
     pub file_offset: u64,
-    /// Start of the bytes in the in-memory bitmap (R1).
-    pub ptr: *const u8,
+    /// The bytes in the in-memory bitmap (R1), owned by the write.
+    pub mem: IoVecs,
     /// Sector ranges whose bits this write set.
     pub sectors: Vec<Range<u64>>,
     /// The caller's tag (the durability epoch).
     pub tag: T,
 }
 
-// SAFETY: `ptr` points into the `Bitmap`'s heap allocation, which the COW
-// disk keeps alive (behind an `Arc`) until every issued write completed; the
-// bytes are only read through it, and R3 keeps them unmodified meanwhile.
-unsafe impl<T: Send> Send for Issued<T> {}
-
 #[derive(Debug)]
 struct Waiting<T> {
     id: WriteId,
     bytes: Range<u64>,
-    /// Where the bytes are in memory, found at submit: a write that waits
-    /// can always be issued later (no fallible step after its bits are set).
-    ptr: *const u8,
+    /// The bytes in memory, found at submit: a write that waits can always
+    /// be issued later (no fallible step after its bits are set).
+    mem: IoVecs,
     sectors: Vec<Range<u64>>,
     tag: T,
 }
-
-// SAFETY: as for `Issued`: `ptr` points into the bitmap's heap allocation,
-// which outlives the scheduler's use of it; it is only read through.
-unsafe impl<T: Send> Send for Waiting<T> {}
 
 /// What became of a submitted bitmap write.
 #[derive(Debug)]
@@ -176,7 +168,7 @@ impl<T> BitmapWriteback<T> {
             id: w.id,
             file_offset: geometry.bitmap_offset.saturating_add(w.bytes.start),
             bytes: w.bytes,
-            ptr: w.ptr,
+            mem: w.mem,
             sectors: w.sectors,
             tag: w.tag,
         }
@@ -204,7 +196,7 @@ impl<T> BitmapWriteback<T> {
         {
             return Err(tag);
         }
-        let Some(ptr) = bitmap.as_ptr(bytes.clone()) else {
+        let Some(mem) = bitmap.io_vecs(bytes.clone()) else {
             return Err(tag);
         };
         let id = self.next_id;
@@ -212,7 +204,7 @@ impl<T> BitmapWriteback<T> {
         let w = Waiting {
             id,
             bytes,
-            ptr,
+            mem,
             sectors,
             tag,
         };

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     disk::Completion,
-    engine::{Engine, EventFd, IoDone, IoKind, IoOp},
+    engine::{Engine, EventFd, IoDone, IoKind, IoOp, IoVecs},
 };
 
 /// Bitmap bytes closer than this share one bitmap write. A page: one
@@ -424,8 +424,7 @@ impl Meta {
         // Every write counted so far completed before this sync is issued.
         self.shared.writes_since_sync.store(0, Ordering::Release);
         let op = IoOp::fsync(self.shared.file.meta_fd.as_raw_fd(), SYNC_TAG);
-        // SAFETY: an fsync carries no buffers.
-        match unsafe { self.engine.push(op) } {
+        match self.engine.push(op) {
             Ok(()) => self.sync_in_flight = Some(covered),
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(libc::EIO);
@@ -537,7 +536,7 @@ impl Meta {
         }
         self.announce(&issued);
         for w in issued {
-            self.issue(w.id, w.ptr, w.bytes.end - w.bytes.start, w.file_offset);
+            self.issue(w.id, w.mem, w.file_offset);
         }
         if let Some(e) = self.epoch_mut(id) {
             e.outstanding = count;
@@ -562,26 +561,19 @@ impl Meta {
         }
     }
 
-    fn issue(&mut self, write_id: u64, ptr: *const u8, len: u64, offset: u64) {
-        let iov = vec![libc::iovec {
-            iov_base: ptr.cast_mut().cast(),
-            iov_len: len as usize,
-        }];
+    /// R1: the write goes straight from the in-memory bitmap (`mem`, which
+    /// it owns until reaped); R3 keeps those bytes unmodified meanwhile.
+    fn issue(&mut self, write_id: u64, mem: IoVecs, offset: u64) {
         let fd = self.shared.file.meta_fd.as_raw_fd();
         let pushed = IoOp::rw(
             IoKind::Write { dsync: false },
             fd,
             offset,
-            iov,
+            mem,
             false,
             write_id,
         )
-        .and_then(|op| {
-            // SAFETY: the iovec points into the bitmap owned by `shared`,
-            // which this thread keeps alive; R3 keeps these bytes unmodified
-            // until the write completes; the kernel only reads them.
-            unsafe { self.engine.push(op) }
-        });
+        .and_then(|op| self.engine.push(op));
         if let Err(e) = pushed {
             self.on_bitmap_write(write_id, -i64::from(e.raw_os_error().unwrap_or(libc::EIO)));
         }
@@ -604,7 +596,7 @@ impl Meta {
         shared.channel.wake_parked();
         self.announce(&released);
         for w in released {
-            self.issue(w.id, w.ptr, w.bytes.end - w.bytes.start, w.file_offset);
+            self.issue(w.id, w.mem, w.file_offset);
         }
         let Some((epoch, sectors)) = self.writes.remove(&write_id) else {
             return;

@@ -41,11 +41,9 @@ pub use state::{CowShared, CowState, Stats};
 use crate::{
     cow::{CowFile, OpenCow},
     disk::{file_id, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, DiskStats},
-    engine::{AlignedBuf, Engine, EventFd},
+    engine::{Engine, EventFd},
 };
 
-/// Bytes of the zero buffer write-zeroes fallbacks write from.
-const ZERO_CHUNK: usize = 64 * 1024;
 /// A COW file over a read-only backing file.
 #[derive(Debug)]
 pub struct CowDisk {
@@ -127,7 +125,6 @@ impl CowDisk {
             backing_changed: AtomicBool::new(false),
             stats: Stats::default(),
             journal,
-            zeros: AlignedBuf::new(ZERO_CHUNK).map_err(setup)?,
             file,
         });
         let thread_shared = shared.clone();

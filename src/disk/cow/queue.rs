@@ -15,7 +15,6 @@ use slab::Slab;
 use super::{
     channel::{Cmd, Mailbox, Reply},
     state::CowShared,
-    ZERO_CHUNK,
 };
 use crate::{
     disk::{
@@ -77,13 +76,7 @@ impl CowQueue {
     }
 
     fn push(&mut self, key: usize, op: std::io::Result<IoOp>) {
-        let r = op.and_then(|op| {
-            // SAFETY: the iovecs come from the request's `IoVecs` (valid until
-            // its completion, which is reported only after every op of the
-            // slot finished) or from the shared zero buffer, kept alive by
-            // `self.shared` and never written.
-            unsafe { self.engine.push(op) }
-        });
+        let r = op.and_then(|op| self.engine.push(op));
         if let Some(slot) = self.slots.get_mut(key) {
             match r {
                 Ok(()) => slot.remaining += 1,
@@ -115,7 +108,7 @@ impl CowQueue {
                 IoKind::Read,
                 self.data_fd,
                 file.geometry.data_pos(sector),
-                iov.0,
+                iov,
                 file.direct,
                 key as u64,
             );
@@ -199,7 +192,7 @@ impl CowQueue {
             IoKind::Write { dsync: false },
             self.data_fd,
             file.geometry.data_pos(sector),
-            iov.0,
+            iov,
             file.direct,
             key as u64,
         )
@@ -226,25 +219,17 @@ impl CowQueue {
 
     fn zero_write(&mut self, key: usize, mut pos: u64, mut len: u64) {
         while len > 0 {
-            let n = len.min(512 * ZERO_CHUNK as u64);
-            let mut iov = Vec::new();
-            let mut left = n;
-            while left > 0 {
-                let c = left.min(ZERO_CHUNK as u64);
-                iov.push(libc::iovec {
-                    iov_base: self.shared.zeros.as_mut_ptr().cast(),
-                    iov_len: c as usize,
-                });
-                left -= c;
-            }
-            let op = IoOp::rw(
-                IoKind::Write { dsync: false },
-                self.data_fd,
-                pos,
-                iov,
-                self.shared.file.direct,
-                key as u64,
-            );
+            let n = len.min(crate::disk::ZERO_OP_MAX);
+            let op = IoVecs::zeros(n).and_then(|iov| {
+                IoOp::rw(
+                    IoKind::Write { dsync: false },
+                    self.data_fd,
+                    pos,
+                    iov,
+                    self.shared.file.direct,
+                    key as u64,
+                )
+            });
             self.push(key, op);
             pos += n;
             len -= n;

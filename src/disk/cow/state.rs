@@ -15,7 +15,6 @@ use super::{bitmap_writeback::BitmapWriteback, channel::Channel, journal::Journa
 use crate::{
     cow::CowFile,
     disk::{extents::ExtentSet, DiskInfo, DiskOptions},
-    engine::AlignedBuf,
 };
 
 /// State shared by the queues and the durability thread, under one lock
@@ -74,6 +73,4 @@ pub struct CowShared {
     /// The crash journal: completed writes whose bits are not durable yet,
     /// kept where a process crash cannot reach them.
     pub journal: Option<Journal>,
-    /// Zeros for write-zeroes fallbacks (never written).
-    pub zeros: AlignedBuf,
 }
