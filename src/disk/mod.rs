@@ -15,7 +15,10 @@
 pub mod cow;
 pub mod extents;
 pub mod lazy;
+mod queue_core;
 pub mod raw;
+
+pub use queue_core::punch_unsupported;
 
 use std::{
     io,
@@ -357,14 +360,6 @@ pub fn open_cow(path: &Path, opts: &DiskOptions) -> Result<Arc<dyn Disk>, DiskEr
 pub fn file_id(meta: &std::fs::Metadata) -> String {
     use std::os::unix::fs::MetadataExt;
     format!("ubd-{:x}-{:x}", meta.dev(), meta.ino())
-}
-
-/// Whether a failed `fallocate` (hole punch or zero range) means "not
-/// here": the file system cannot do it (EOPNOTSUPP), or not for this range
-/// or descriptor (EINVAL, e.g. some file systems with `O_DIRECT`). Both the
-/// raw and the COW disk then write zeros instead.
-pub fn punch_unsupported(errno: i32) -> bool {
-    errno == libc::EOPNOTSUPP || errno == libc::EINVAL
 }
 
 /// A sector range outside the device.

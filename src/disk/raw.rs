@@ -20,15 +20,15 @@ use std::{
     time::Duration,
 };
 
-use slab::Slab;
-
 use super::{
-    check_request, file_id, AioMode, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue,
-    Op, Request, Submitted, SECTOR,
+    check_request, file_id,
+    queue_core::{QueueCore, ZeroFallback},
+    AioMode, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, Op, Request,
+    Submitted, SECTOR,
 };
 use crate::{
     cow::file::ofd_lock,
-    engine::{Engine, EventFd, IoDone, IoKind, IoOp, IoVecs},
+    engine::{Engine, EventFd, IoKind, IoOp},
 };
 
 /// A raw image file.
@@ -121,14 +121,11 @@ impl Disk for RawDisk {
         let mut engine = Engine::new(s.ring_entries, event).map_err(setup)?;
         engine.set_observer(s.observer.as_ref().map(|o| o.0.clone()));
         Ok(Box::new(RawQueue {
-            engine,
+            core: QueueCore::new(engine, s.info.path.clone()),
             fd: s.file.as_raw_fd(),
             info: s.info.clone(),
             writeback: s.writeback.load(Ordering::Relaxed),
             shared: s.clone(),
-            slots: Slab::new(),
-            done: Vec::new(),
-            io: Vec::new(),
         }))
     }
 
@@ -153,27 +150,20 @@ impl Disk for RawDisk {
     }
 }
 
+/// A raw request's state while its operations are in flight.
 #[derive(Debug)]
-struct Slot {
-    tag: u64,
-    remaining: u32,
-    err: Option<i32>,
+struct Stage {
     /// Sync after the operation (writethrough discard/write-zeroes).
     sync_after: bool,
-    /// Fallback for write-zeroes when fallocate is unsupported.
-    zero_fallback: Option<(u64, u64)>,
 }
 
 struct RawQueue {
-    engine: Engine,
+    core: QueueCore<Stage>,
     fd: RawFd,
     info: DiskInfo,
     writeback: bool,
-    /// Keeps the file (and its descriptor `fd`) and the zero buffer alive.
+    /// Keeps the file (and its descriptor `fd`) alive.
     shared: Arc<Shared>,
-    slots: Slab<Slot>,
-    done: Vec<Completion>,
-    io: Vec<IoDone>,
 }
 
 impl RawQueue {
@@ -184,65 +174,33 @@ impl RawQueue {
         )
     }
 
-    fn fail(&mut self, tag: u64, errno: i32) {
-        self.done.push(Completion {
-            tag,
-            result: Err(errno),
-        });
-    }
-
-    fn push(&mut self, key: usize, op: std::io::Result<IoOp>) {
-        let r = op.and_then(|op| self.engine.push(op));
-        if let Some(slot) = self.slots.get_mut(key) {
-            match r {
-                Ok(()) => slot.remaining += 1,
-                Err(e) => slot.err = Some(e.raw_os_error().unwrap_or(libc::EIO)),
-            }
-        }
-    }
-
-    fn zero_ops(&mut self, key: usize, mut offset: u64, mut len: u64) {
-        while len > 0 {
-            let n = len.min(crate::disk::ZERO_OP_MAX);
-            let dsync = !self.writeback;
-            let op = IoVecs::zeros(n).and_then(|iov| {
-                IoOp::rw(
-                    IoKind::Write { dsync },
-                    self.fd,
-                    offset,
-                    iov,
-                    self.info.direct,
-                    key as u64,
-                )
-            });
-            self.push(key, op);
-            offset += n;
-            len -= n;
+    fn zero_fallback(&self, sector: u64, nsect: u64) -> ZeroFallback {
+        ZeroFallback {
+            fd: self.fd,
+            pos: sector * SECTOR,
+            len: nsect * SECTOR,
+            direct: self.info.direct,
+            dsync: !self.writeback,
         }
     }
 
     fn settle(&mut self, key: usize) {
-        let Some(slot) = self.slots.get(key) else {
-            return;
-        };
-        if slot.remaining > 0 {
+        if !self.core.idle(key) {
             return;
         }
-        if slot.err.is_none() && slot.sync_after {
-            if let Some(s) = self.slots.get_mut(key) {
-                s.sync_after = false;
-            }
-            let op = IoOp::fsync(self.fd, key as u64);
-            self.push(key, Ok(op));
-            if self.slots.get(key).is_some_and(|s| s.remaining > 0) {
+        let sync = self.core.err(key).is_none()
+            && self
+                .core
+                .stage_mut(key)
+                .is_some_and(|s| std::mem::take(&mut s.sync_after));
+        if sync {
+            self.core.push(key, Ok(IoOp::fsync(self.fd, key as u64)));
+            if !self.core.idle(key) {
                 return;
             }
         }
-        if let Some(slot) = self.slots.try_remove(key) {
-            self.done.push(Completion {
-                tag: slot.tag,
-                result: slot.err.map_or(Ok(()), Err),
-            });
+        if let Some(l) = self.core.close(key) {
+            self.core.complete(l.tag, l.err.map_or(Ok(()), Err));
         }
     }
 }
@@ -252,32 +210,19 @@ impl DiskQueue for RawQueue {
         let (writeback, closed) = self.flags();
         self.writeback = writeback;
         if closed {
-            self.fail(req.tag, libc::ESHUTDOWN);
+            self.core.complete(req.tag, Err(libc::ESHUTDOWN));
             return Submitted::Queued;
         }
         if let Err(e) = check_request(&req.op, &self.info) {
-            self.fail(req.tag, e);
+            self.core.complete(req.tag, Err(e));
             return Submitted::Queued;
         }
-        let key = self.slots.insert(Slot {
-            tag: req.tag,
-            remaining: 0,
-            err: None,
-            sync_after: false,
-            zero_fallback: None,
-        });
+        let key = self.core.open(req.tag, Stage { sync_after: false });
         let direct = self.info.direct;
         match req.op {
             Op::Read { sector, iov } => {
-                let op = IoOp::rw(
-                    IoKind::Read,
-                    self.fd,
-                    sector * SECTOR,
-                    iov,
-                    direct,
-                    key as u64,
-                );
-                self.push(key, op);
+                let op = IoOp::rw(IoKind::Read, self.fd, sector * SECTOR, iov, direct, key as u64);
+                self.core.push(key, op);
             }
             Op::Write { sector, iov } => {
                 let kind = IoKind::Write { dsync: !writeback };
@@ -288,51 +233,26 @@ impl DiskQueue for RawQueue {
                 let aio = direct && self.shared.aio_writes;
                 let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov, direct, key as u64)
                     .map(|op| if aio { op.via_aio() } else { op });
-                self.push(key, op);
+                self.core.push(key, op);
             }
-            Op::Flush => self.push(key, Ok(IoOp::fsync(self.fd, key as u64))),
-            Op::Discard { sector, nsect }
-            | Op::WriteZeroes {
-                sector,
-                nsect,
-                unmap: true,
-            } => {
-                if let Some(s) = self.slots.get_mut(key) {
+            Op::Flush => self.core.push(key, Ok(IoOp::fsync(self.fd, key as u64))),
+            Op::Discard { sector, nsect } | Op::WriteZeroes { sector, nsect, .. } => {
+                let unmap = match req.op {
+                    Op::WriteZeroes { unmap, .. } => unmap,
+                    _ => true,
+                };
+                if let Some(s) = self.core.stage_mut(key) {
                     s.sync_after = !writeback;
-                    s.zero_fallback = Some((sector * SECTOR, nsect * SECTOR));
                 }
-                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                self.push(
-                    key,
-                    Ok(IoOp::fallocate(
-                        self.fd,
-                        sector * SECTOR,
-                        nsect * SECTOR,
-                        mode,
-                        key as u64,
-                    )),
-                );
-            }
-            Op::WriteZeroes {
-                sector,
-                nsect,
-                unmap: false,
-            } => {
-                if let Some(s) = self.slots.get_mut(key) {
-                    s.sync_after = !writeback;
-                    s.zero_fallback = Some((sector * SECTOR, nsect * SECTOR));
-                }
-                let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-                self.push(
-                    key,
-                    Ok(IoOp::fallocate(
-                        self.fd,
-                        sector * SECTOR,
-                        nsect * SECTOR,
-                        mode,
-                        key as u64,
-                    )),
-                );
+                let fb = self.zero_fallback(sector, nsect);
+                self.core.set_zero_fallback(key, fb);
+                let mode = if unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                let op = IoOp::fallocate(self.fd, fb.pos, fb.len, mode, key as u64);
+                self.core.push(key, Ok(op));
             }
         }
         self.settle(key);
@@ -340,53 +260,26 @@ impl DiskQueue for RawQueue {
     }
 
     fn commit(&mut self) -> std::io::Result<()> {
-        self.engine.submit()
+        self.core.commit()
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> bool {
-        let mut io = std::mem::take(&mut self.io);
-        if let Err(e) = self.engine.reap(&mut io) {
-            log::error!("{}: io_uring: {e}", self.info.path.display());
-        }
-        for d in io.drain(..) {
-            let key = d.tag as usize;
-            let mut fallback = None;
-            if let Some(slot) = self.slots.get_mut(key) {
-                slot.remaining = slot.remaining.saturating_sub(1);
-                if d.result < 0 {
-                    let errno = i32::try_from(-d.result).unwrap_or(libc::EIO);
-                    match slot.zero_fallback.take() {
-                        Some(range) if super::punch_unsupported(errno) => {
-                            fallback = Some(range);
-                        }
-                        _ => slot.err = Some(errno),
-                    }
-                } else {
-                    slot.zero_fallback = None;
-                }
-            }
-            if let Some((off, len)) = fallback {
-                self.zero_ops(key, off, len);
-            }
+        for key in self.core.reap() {
             self.settle(key);
         }
-        self.io = io;
-        if let Err(e) = self.engine.submit() {
-            log::error!("{}: io_uring submit: {e}", self.info.path.display());
-        }
-        out.append(&mut self.done);
+        self.core.drain_done(out);
         false
     }
 
     fn event_fd(&self) -> RawFd {
-        self.engine.event().as_raw_fd()
+        self.core.event_fd()
     }
 
     fn wait(&self, timeout: Option<Duration>) {
-        self.engine.event().wait_for(timeout);
+        self.core.wait(timeout);
     }
 
     fn in_flight(&self) -> usize {
-        self.slots.len()
+        self.core.len()
     }
 }

@@ -10,8 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use slab::Slab;
-
 use super::{
     channel::{Cmd, Mailbox, Reply},
     state::CowShared,
@@ -21,7 +19,8 @@ use crate::{
         check_request, extents::ExtentSet, Completion, DiskQueue, IoVecs, Op, Request, Submitted,
         SECTOR,
     },
-    engine::{Engine, IoDone, IoKind, IoOp},
+    disk::queue_core::{QueueCore, ZeroFallback},
+    engine::{Engine, IoKind, IoOp},
 };
 
 /// What a request in flight on a queue is waiting for.
@@ -34,27 +33,14 @@ enum Stage {
     Data { bits: Range<u64> },
 }
 
-#[derive(Debug)]
-struct Slot {
-    tag: u64,
-    remaining: u32,
-    err: Option<i32>,
-    stage: Stage,
-    /// Punch fallback: zero-write this data range instead.
-    zero_fallback: Option<(u64, u64)>,
-}
-
 pub(super) struct CowQueue {
-    engine: Engine,
+    core: QueueCore<Stage>,
     data_fd: RawFd,
     backing_fd: RawFd,
     /// Keeps the files (`data_fd`, `backing_fd`), the bitmap and the zero
     /// buffer alive while operations are in flight.
     shared: Arc<CowShared>,
     mailbox: Arc<Mailbox>,
-    slots: Slab<Slot>,
-    done: Vec<Completion>,
-    io: Vec<IoDone>,
     /// Requests handed to the durability thread.
     at_meta: usize,
 }
@@ -63,36 +49,25 @@ impl CowQueue {
     /// A queue of `shared` with its own engine and mailbox.
     pub(super) fn new(shared: Arc<CowShared>, engine: Engine, mailbox: Arc<Mailbox>) -> Self {
         Self {
-            engine,
+            core: QueueCore::new(engine, shared.info.path.clone()),
             data_fd: shared.file.data_fd.as_raw_fd(),
             backing_fd: shared.file.backing_fd.as_raw_fd(),
             shared,
             mailbox,
-            slots: Slab::new(),
-            done: Vec::new(),
-            io: Vec::new(),
             at_meta: 0,
         }
     }
 
     fn push(&mut self, key: usize, op: std::io::Result<IoOp>) {
-        let r = op.and_then(|op| self.engine.push(op));
-        if let Some(slot) = self.slots.get_mut(key) {
-            match r {
-                Ok(()) => slot.remaining += 1,
-                Err(e) => slot.err = Some(e.raw_os_error().unwrap_or(libc::EIO)),
-            }
-        }
+        self.core.push(key, op);
     }
 
     fn new_slot(&mut self, tag: u64, stage: Stage) -> usize {
-        self.slots.insert(Slot {
-            tag,
-            remaining: 0,
-            err: None,
-            stage,
-            zero_fallback: None,
-        })
+        self.core.open(tag, stage)
+    }
+
+    fn fail(&mut self, tag: u64, errno: i32) {
+        self.core.complete(tag, Err(errno));
     }
 
     /// Splits a read into COW, backing runs (R4 check included).
@@ -116,10 +91,7 @@ impl CowQueue {
         } else {
             let runs = {
                 let Ok(state) = shared.state.lock() else {
-                    self.done.push(Completion {
-                        tag,
-                        result: Err(libc::EIO),
-                    });
+                    self.fail(tag, libc::EIO);
                     return Submitted::Queued;
                 };
                 let runs = route(&file.bitmap, &state.unpersisted, range);
@@ -127,10 +99,7 @@ impl CowQueue {
                     runs.iter().filter(|r| !r.2).map(|r| r.0..r.1).collect();
                 if !backing.is_empty() && shared.backing_changed.load(Ordering::Acquire) {
                     drop(state);
-                    self.done.push(Completion {
-                        tag,
-                        result: Err(libc::EIO),
-                    });
+                    self.fail(tag, libc::EIO);
                     return Submitted::Queued;
                 }
                 if state.wb.check_read(&backing).is_err() {
@@ -206,9 +175,16 @@ impl CowQueue {
         let key = self.new_slot(tag, Stage::Data { bits: range });
         let pos = self.shared.file.geometry.data_pos(sector);
         let len = nsect * SECTOR;
-        if let Some(s) = self.slots.get_mut(key) {
-            s.zero_fallback = Some((pos, len));
-        }
+        self.core.set_zero_fallback(
+            key,
+            ZeroFallback {
+                fd: self.data_fd,
+                pos,
+                len,
+                direct: self.shared.file.direct,
+                dsync: false,
+            },
+        );
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.push(
             key,
@@ -217,46 +193,15 @@ impl CowQueue {
         self.settle(key);
     }
 
-    fn zero_write(&mut self, key: usize, mut pos: u64, mut len: u64) {
-        while len > 0 {
-            let n = len.min(crate::disk::ZERO_OP_MAX);
-            let op = IoVecs::zeros(n).and_then(|iov| {
-                IoOp::rw(
-                    IoKind::Write { dsync: false },
-                    self.data_fd,
-                    pos,
-                    iov,
-                    self.shared.file.direct,
-                    key as u64,
-                )
-            });
-            self.push(key, op);
-            pos += n;
-            len -= n;
-        }
-    }
-
-    /// A slot whose operations all finished moves on.
+    /// A request whose operations all landed moves on.
     fn settle(&mut self, key: usize) {
-        if self.slots.get(key).is_none_or(|s| s.remaining > 0) {
-            return;
-        }
-        let Some(slot) = self.slots.try_remove(key) else {
+        let Some(l) = self.core.close(key) else {
             return;
         };
-        if let Some(errno) = slot.err {
-            self.done.push(Completion {
-                tag: slot.tag,
-                result: Err(errno),
-            });
-            return;
-        }
-        match slot.stage {
-            Stage::Read => self.done.push(Completion {
-                tag: slot.tag,
-                result: Ok(()),
-            }),
-            Stage::Data { bits } => self.data_done(slot.tag, bits),
+        match (l.err, l.stage) {
+            (Some(errno), _) => self.fail(l.tag, errno),
+            (None, Stage::Read) => self.core.complete(l.tag, Ok(())),
+            (None, Stage::Data { bits }) => self.data_done(l.tag, bits),
         }
     }
 
@@ -303,10 +248,7 @@ impl CowQueue {
                 shared.channel.send(Cmd::Kick);
             }
         }
-        self.done.push(Completion {
-            tag,
-            result: Ok(()),
-        });
+        self.core.complete(tag, Ok(()));
     }
 }
 
@@ -336,17 +278,11 @@ fn route(
 impl DiskQueue for CowQueue {
     fn submit(&mut self, req: Request) -> Submitted {
         if self.shared.closed.load(Ordering::Acquire) {
-            self.done.push(Completion {
-                tag: req.tag,
-                result: Err(libc::ESHUTDOWN),
-            });
+            self.fail(req.tag, libc::ESHUTDOWN);
             return Submitted::Queued;
         }
         if let Err(e) = check_request(&req.op, &self.shared.info) {
-            self.done.push(Completion {
-                tag: req.tag,
-                result: Err(e),
-            });
+            self.fail(req.tag, e);
             return Submitted::Queued;
         }
         if req.op.is_write() {
@@ -358,10 +294,7 @@ impl DiskQueue for CowQueue {
                         self.shared.info.path.display(),
                         self.shared.file.header.version.name()
                     );
-                    self.done.push(Completion {
-                        tag: req.tag,
-                        result: Err(libc::EIO),
-                    });
+                    self.fail(req.tag, libc::EIO);
                     return Submitted::Queued;
                 }
             }
@@ -378,10 +311,7 @@ impl DiskQueue for CowQueue {
             }
             Op::Discard { sector, nsect } | Op::WriteZeroes { sector, nsect, .. } => {
                 if nsect == 0 {
-                    self.done.push(Completion {
-                        tag: req.tag,
-                        result: Ok(()),
-                    });
+                    self.core.complete(req.tag, Ok(()));
                 } else {
                     self.punch(req.tag, sector, nsect);
                 }
@@ -391,53 +321,28 @@ impl DiskQueue for CowQueue {
     }
 
     fn commit(&mut self) -> std::io::Result<()> {
-        self.engine.submit()
+        self.core.commit()
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> bool {
-        let mut io = std::mem::take(&mut self.io);
-        if let Err(e) = self.engine.reap(&mut io) {
-            log::error!("{}: io_uring: {e}", self.shared.info.path.display());
-        }
-        for d in io.drain(..) {
-            let key = d.tag as usize;
-            let mut fallback = None;
-            if let Some(slot) = self.slots.get_mut(key) {
-                slot.remaining = slot.remaining.saturating_sub(1);
-                if d.result < 0 {
-                    let errno = i32::try_from(-d.result).unwrap_or(libc::EIO);
-                    match slot.zero_fallback.take() {
-                        Some(r) if crate::disk::punch_unsupported(errno) => fallback = Some(r),
-                        _ => slot.err = Some(errno),
-                    }
-                } else {
-                    slot.zero_fallback = None;
-                }
-            }
-            if let Some((pos, len)) = fallback {
-                self.zero_write(key, pos, len);
-            }
+        for key in self.core.reap() {
             self.settle(key);
         }
-        self.io = io;
-        if let Err(e) = self.engine.submit() {
-            log::error!("{}: io_uring submit: {e}", self.shared.info.path.display());
-        }
-        let n = self.mailbox.take(&mut self.done);
+        self.core.drain_done(out);
+        let n = self.mailbox.take(out);
         self.at_meta = self.at_meta.saturating_sub(n);
-        out.append(&mut self.done);
         self.mailbox.take_retry()
     }
 
     fn event_fd(&self) -> RawFd {
-        self.engine.event().as_raw_fd()
+        self.core.event_fd()
     }
 
     fn wait(&self, timeout: Option<Duration>) {
-        self.engine.event().wait_for(timeout);
+        self.core.wait(timeout);
     }
 
     fn in_flight(&self) -> usize {
-        self.slots.len() + self.at_meta
+        self.core.len() + self.at_meta
     }
 }
