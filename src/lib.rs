@@ -8,17 +8,17 @@
 //! - [`disk`]: the `Disk` interface, raw and COW disks, the bitmap writeback
 //!   scheduler (R1-R4) and durability (R5).
 //! - [`engine`]: the io_uring engine; owns iovecs until completion.
-//! - [`request`]: pure virtio-blk request parsing.
+//! - [`blk`]: pure virtio-blk: request parsing, request -> disk operation.
 //! - [`vhost`]: the vhost-user backend (features, config space, queue workers,
 //!   guest memory); the only module that knows the vhost crates, with
 //!   [`daemon`]'s connection loop.
 //! - [`daemon`]: listener, connection loop, signals.
 //! - [`config`]: validated `serve` configuration.
 
+pub mod blk;
 pub mod config;
 pub mod cow;
 pub mod daemon;
 pub mod disk;
 pub mod engine;
-pub mod request;
 pub mod vhost;

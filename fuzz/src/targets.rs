@@ -7,9 +7,9 @@
 use std::{os::unix::fs::FileExt, time::Duration};
 
 use vhost_user_ubd::{
+    blk::request::{self, RequestType, SECTOR},
     cow::{create_cow, CowHeader, CowVersion},
     disk::{open_cow, Blocking, DiskOptions, Op},
-    request::{self, RequestType, SECTOR},
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 

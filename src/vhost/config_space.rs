@@ -4,15 +4,12 @@
 use std::sync::atomic::Ordering;
 
 use super::BlkBackend;
+use crate::blk::{DISCARD_ALIGN, MAX_DISCARD_SECTORS};
 
 /// Config space size (virtio_blk_config up to write_zeroes_may_unmap + pad).
 pub const CONFIG_LEN: usize = 60;
 /// Offset of the `writeback` byte in the config space.
 pub(super) const CONFIG_WCE_OFFSET: u32 = 32;
-/// Discard and write-zeroes limits, in sectors.
-pub(super) const MAX_DISCARD_SECTORS: u32 = 1 << 21;
-/// Discard alignment in sectors (4 KiB).
-pub(super) const DISCARD_ALIGN: u32 = 8;
 /// Largest segment the guest may send.
 /// (`size_max * seg_max` must fit in an i32: libblkio computes it so.)
 pub(super) const SIZE_MAX: u32 = 1 << 20;

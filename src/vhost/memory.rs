@@ -5,7 +5,7 @@ use std::io;
 
 use vm_memory::GuestMemoryBackend;
 
-use crate::request::Seg;
+use crate::blk::Seg;
 
 use super::Mem;
 

@@ -16,15 +16,11 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{
+    blk::{self, Action, BlkRequest, RequestType, S_IOERR, S_OK},
     disk::{Completion, DiskQueue, IoVecs, Op, Request, Submitted},
-    request::{self, BlkRequest, RequestType, SECTOR, S_IOERR, S_OK, S_UNSUPP, WZ_UNMAP},
 };
 
-use super::{
-    config_space::{DISCARD_ALIGN, MAX_DISCARD_SECTORS},
-    memory::iovecs,
-    BlkBackend, Mem, Vring,
-};
+use super::{memory::iovecs, BlkBackend, Mem, Vring};
 
 /// Rate limiter for guest-triggered log lines.
 #[derive(Debug)]
@@ -252,7 +248,7 @@ impl BlkBackend {
             data_in: 0,
             mem: mem.clone(),
         });
-        let req = match request::parse(descs.iter().copied(), mem.as_ref()) {
+        let req = match blk::parse(descs.iter().copied(), mem.as_ref()) {
             Ok(r) => r,
             Err(bad) => {
                 self.bad(w, head, &bad.error.to_string());
@@ -296,7 +292,8 @@ impl BlkBackend {
         }
     }
 
-    /// Turns a parsed request into a disk operation, or an immediate status.
+    /// Turns a parsed request into a disk operation (`None`: answered
+    /// here, GET_ID), or an immediate status.
     fn to_disk(
         &self,
         w: &mut Worker,
@@ -304,51 +301,19 @@ impl BlkBackend {
         req: &BlkRequest,
         mem: &Arc<Mem>,
     ) -> Result<Option<Op>, u8> {
-        let info = self.disk.info();
-        match req.rtype {
-            RequestType::In | RequestType::Out => {
-                if req.rtype == RequestType::Out && info.readonly {
-                    self.bad(w, head, "write to a read-only disk");
-                    return Err(S_IOERR);
-                }
-                let Some(iov) = iovecs(mem, &req.data) else {
-                    self.bad(w, head, "data buffer outside guest memory");
-                    return Err(S_IOERR);
-                };
-                if let Err(e) =
-                    crate::disk::check_range(req.sector, req.data_len / SECTOR, info.sectors)
-                {
-                    self.bad(w, head, &e.to_string());
-                    return Err(S_IOERR);
-                }
-                let owner: crate::engine::Owner = mem.clone();
-                // SAFETY: the iovecs point into guest memory mapped by
-                // `mem` (checked by `iovecs`), which the disk operations own
-                // through `owner` until they are reaped, whatever happens to
-                // this slot or the connection; the guest does not touch
-                // buffers it handed to the device until the used ring says
-                // so.
-                let iov = unsafe { IoVecs::with_owner(iov, Some(owner)) };
-                Ok(Some(if req.rtype == RequestType::In {
-                    Op::Read {
-                        sector: req.sector,
-                        iov,
-                    }
-                } else {
-                    Op::Write {
-                        sector: req.sector,
-                        iov,
-                    }
-                }))
-            }
-            RequestType::Flush => Ok(Some(Op::Flush)),
-            RequestType::GetId => {
-                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-                let s = self.cfg.serial.as_bytes();
-                let n = s.len().min(id.len());
-                if let (Some(d), Some(src)) = (id.get_mut(..n), s.get(..n)) {
-                    d.copy_from_slice(src);
-                }
+        let data = || {
+            let iov = iovecs(mem, &req.data)?;
+            let owner: crate::engine::Owner = mem.clone();
+            // SAFETY: the iovecs point into guest memory mapped by `mem`
+            // (checked by `iovecs`), which the disk operations own through
+            // `owner` until they are reaped, whatever happens to this slot
+            // or the connection; the guest does not touch buffers it handed
+            // to the device until the used ring says so.
+            Some(unsafe { IoVecs::with_owner(iov, Some(owner)) })
+        };
+        match blk::translate(req, self.disk.info(), &self.cfg.serial, data) {
+            Ok(Action::Disk(op)) => Ok(Some(op)),
+            Ok(Action::GetId(id)) => {
                 let mut off = 0usize;
                 for seg in &req.data {
                     let want = (seg.len as usize).min(id.len().saturating_sub(off));
@@ -364,59 +329,9 @@ impl BlkBackend {
                 }
                 Ok(None)
             }
-            RequestType::Discard | RequestType::WriteZeroes => {
-                if info.readonly {
-                    self.bad(w, head, "discard/write-zeroes on a read-only disk");
-                    return Err(S_IOERR);
-                }
-                let [r] = req.ranges.as_slice() else {
-                    self.bad(w, head, "more than one discard/write-zeroes range");
-                    return Err(S_UNSUPP);
-                };
-                let nsect = u64::from(r.num_sectors);
-                let end = r.sector.checked_add(nsect);
-                if let Err(e) = crate::disk::check_range(r.sector, nsect, info.sectors) {
-                    self.bad(w, head, &format!("discard/write-zeroes: {e}"));
-                    return Err(S_IOERR);
-                }
-                if nsect > u64::from(MAX_DISCARD_SECTORS) {
-                    self.bad(
-                        w,
-                        head,
-                        "discard/write-zeroes larger than max_discard_sectors",
-                    );
-                    return Err(S_IOERR);
-                }
-                if req.rtype == RequestType::Discard {
-                    if r.flags != 0 {
-                        self.bad(w, head, "discard with flags");
-                        return Err(S_UNSUPP);
-                    }
-                    let align = u64::from(DISCARD_ALIGN);
-                    let tail_ok = end == Some(info.sectors);
-                    if r.sector % align != 0 || (nsect % align != 0 && !tail_ok) {
-                        self.bad(w, head, "discard not aligned to 4 KiB");
-                        return Err(S_IOERR);
-                    }
-                    Ok(Some(Op::Discard {
-                        sector: r.sector,
-                        nsect,
-                    }))
-                } else {
-                    if r.flags & !WZ_UNMAP != 0 {
-                        self.bad(w, head, "write-zeroes with unknown flags");
-                        return Err(S_UNSUPP);
-                    }
-                    Ok(Some(Op::WriteZeroes {
-                        sector: r.sector,
-                        nsect,
-                        unmap: r.flags & WZ_UNMAP != 0,
-                    }))
-                }
-            }
-            RequestType::Unsupported(t) => {
-                self.bad(w, head, &format!("unsupported request type {t}"));
-                Err(S_UNSUPP)
+            Err(r) => {
+                self.bad(w, head, &r.why);
+                Err(r.status)
             }
         }
     }
@@ -452,7 +367,7 @@ impl BlkBackend {
 
     /// Stores a disk completion's status in its slot.
     fn record(&self, w: &mut Worker, c: &Completion) {
-        let status = crate::request::status_of(c.result);
+        let status = blk::status_of(c.result);
         if let Err(e) = c.result {
             if status == S_IOERR {
                 self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
@@ -571,7 +486,7 @@ mod tests {
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     use super::super::{lock, BlkBackend, BlkConfig};
-    use crate::request::{S_IOERR, S_OK, S_UNSUPP};
+    use crate::blk::{S_IOERR, S_OK, S_UNSUPP};
 
     const QSIZE: u16 = 32;
     const DISK: u64 = 1 << 20;

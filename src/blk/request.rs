@@ -9,13 +9,6 @@
 //! response data (read data, the id) followed by the one status byte. All
 //! arithmetic on guest values is checked; nothing here panics on guest
 //! input.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
-
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -36,21 +29,6 @@ pub const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
 pub const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// Status: unsupported.
 pub const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
-/// The status byte of a finished disk operation, for every errno: the
-/// operation is not supported by this device or file (EOPNOTSUPP, ENOTSUP,
-/// ENOSYS, ENOTTY): UNSUPP; anything else that failed (EIO, ENOSPC, EROFS,
-/// ESHUTDOWN, EINVAL, EFAULT, ...): IOERR, which is what virtio-blk has for
-/// "the request failed". Success: OK.
-pub fn status_of(result: Result<(), i32>) -> u8 {
-    match result {
-        Ok(()) => S_OK,
-        Err(libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOTTY) => S_UNSUPP,
-        #[allow(unreachable_patterns)] // ENOTSUP == EOPNOTSUPP on Linux
-        Err(libc::ENOTSUP) => S_UNSUPP,
-        Err(_) => S_IOERR,
-    }
-}
-
 /// Write-zeroes flag: the device may deallocate.
 pub const WZ_UNMAP: u32 = 1;
 
@@ -347,28 +325,6 @@ where
     clippy::arithmetic_side_effects
 )]
 mod tests {
-
-    #[test]
-    fn every_errno_has_a_status() {
-        assert_eq!(status_of(Ok(())), S_OK);
-        for e in [libc::EOPNOTSUPP, libc::ENOTSUP, libc::ENOSYS, libc::ENOTTY] {
-            assert_eq!(status_of(Err(e)), S_UNSUPP, "errno {e}");
-        }
-        for e in [
-            libc::EIO,
-            libc::ENOSPC,
-            libc::EROFS,
-            libc::ESHUTDOWN,
-            libc::EINVAL,
-            libc::EFAULT,
-            libc::EAGAIN,
-            0,
-            -1,
-            i32::MAX,
-        ] {
-            assert_eq!(status_of(Err(e)), S_IOERR, "errno {e}");
-        }
-    }
 
     use vm_memory::GuestMemoryMmap;
 
