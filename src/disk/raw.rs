@@ -23,8 +23,8 @@ use std::{
 use super::{
     check_request, file_id,
     queue_core::{QueueCore, ZeroFallback},
-    AioMode, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, Op, Request,
-    Submitted, SECTOR,
+    AioMode, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, Op, Request, Submitted,
+    SECTOR,
 };
 use crate::{
     cow::file::ofd_lock,
@@ -221,7 +221,14 @@ impl DiskQueue for RawQueue {
         let direct = self.info.direct;
         match req.op {
             Op::Read { sector, iov } => {
-                let op = IoOp::rw(IoKind::Read, self.fd, sector * SECTOR, iov, direct, key as u64);
+                let op = IoOp::rw(
+                    IoKind::Read,
+                    self.fd,
+                    sector * SECTOR,
+                    iov,
+                    direct,
+                    key as u64,
+                );
                 self.core.push(key, op);
             }
             Op::Write { sector, iov } => {

@@ -15,11 +15,11 @@ use super::{
     state::CowShared,
 };
 use crate::{
+    disk::queue_core::{QueueCore, ZeroFallback},
     disk::{
         check_request, extents::ExtentSet, Completion, DiskQueue, IoVecs, Op, Request, Submitted,
         SECTOR,
     },
-    disk::queue_core::{QueueCore, ZeroFallback},
     engine::{Engine, IoKind, IoOp},
 };
 

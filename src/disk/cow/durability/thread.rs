@@ -1,25 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Durability of a COW disk (R5, after the ext4 patch of seed 003): the
-//! bitmap bits of completed writes reach the disk in epochs, on one thread.
-//!
-//! Invariant: **a durable bit implies durable data.** Every epoch runs
-//! `fdatasync` (data) -> bitmap writes (through `bitmap_writeback`, R1-R4)
-//! -> `fdatasync` (bits), so no bitmap byte is written before the data of
-//! every bit it carries is on stable storage.
-//!
-//! - Writeback mode: completed writes are recorded in the disk's
-//!   `unpersisted` set (reads already see them) and the guest is answered at
-//!   once. A FLUSH joins the open epoch and is answered when that epoch and
-//!   every earlier one are durable. A background checkpoint opens an epoch
-//!   when too many writes are pending or the oldest is too old.
-//! - Writethrough mode: a write whose data completed joins the open epoch
-//!   with its sector range and is answered when the epoch is durable.
-//!
-//! One `fdatasync` is in flight at a time; each covers every epoch waiting
-//! for it (data of the newly closed epoch, bits of older ones), so syncs
-//! are shared (group commit). Epochs complete in order. An `fdatasync`
-//! failure is sticky: later flushes fail too, because the kernel may have
-//! dropped the dirty pages it could not write.
+//! The durability thread of a COW disk: issues the syncs and bitmap writes
+//! the epochs (`epochs.rs`, R5) ask for, through `bitmap_writeback`
+//! (R1-R4), and answers their waiters; watches the backing file (R6).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -29,7 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
+use super::epochs::{checkpoint_due, Epochs};
+use crate::disk::cow::{
     bitmap_writeback::{BitmapWriteback, Issued, Queued},
     channel::{Cmd, Reply},
     state::CowShared,
@@ -56,67 +39,14 @@ const SYNC_TAG: u64 = 0;
 /// How often the backing file's size and mtime are checked (R6).
 const BACKING_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Collecting waiters.
-    Open,
-    /// Its data sync is in flight.
-    DataSync,
-    /// Its bitmap writes are pending or waiting.
-    Bitmaps,
-    /// Bitmap writes done; waiting for the sync that makes them durable.
-    NeedFinalSync,
-    /// That sync is in flight.
-    FinalSync,
-    /// Durable (or failed).
-    Done,
-}
-
-#[derive(Debug)]
-struct Epoch {
-    id: u64,
-    phase: Phase,
-    waiters: Vec<Reply>,
-    extra: Vec<Range<u64>>,
-    /// Sectors whose bits this epoch sets: snapshot of `unpersisted` taken
-    /// when its data sync is issued (only writes completed by then are
-    /// covered by that sync), plus `extra`.
-    batch: Vec<Range<u64>>,
-    /// Needs a sync even without waiters (checkpoint, shutdown).
-    wanted: bool,
-    outstanding: usize,
-    error: Option<i32>,
-}
-
-impl Epoch {
-    fn new(id: u64) -> Self {
-        Self {
-            id,
-            phase: Phase::Open,
-            waiters: Vec::new(),
-            extra: Vec::new(),
-            batch: Vec::new(),
-            wanted: false,
-            outstanding: 0,
-            error: None,
-        }
-    }
-}
-
 struct Meta {
     shared: Arc<CowShared>,
     engine: Engine,
-    /// The epoch collecting waiters, if any.
-    open: Option<Epoch>,
-    /// Closed epochs, oldest first.
-    epochs: VecDeque<Epoch>,
-    next_epoch: u64,
-    sync_in_flight: Option<Vec<u64>>,
+    epochs: Epochs<Reply>,
     /// Bitmap write id -> (epoch, sectors) for writes pending or waiting.
     writes: HashMap<u64, (u64, Vec<Range<u64>>)>,
     /// Sectors whose bits are set but whose bitmap write failed.
     rewrite: Vec<Range<u64>>,
-    sticky_error: Option<i32>,
     shutdown: Vec<mpsc::Sender<Result<(), i32>>>,
     /// Test hook: bitmap write completions held until their due time.
     delayed: VecDeque<(Instant, IoDone)>,
@@ -142,13 +72,9 @@ pub fn run(shared: Arc<CowShared>, event: Arc<EventFd>) {
     let mut m = Meta {
         shared,
         engine,
-        open: None,
-        epochs: VecDeque::new(),
-        next_epoch: 1,
-        sync_in_flight: None,
+        epochs: Epochs::default(),
         writes: HashMap::new(),
         rewrite: Vec::new(),
-        sticky_error: None,
         shutdown: Vec::new(),
         delayed: VecDeque::new(),
         last_backing_check: Instant::now(),
@@ -225,7 +151,7 @@ impl Meta {
     /// that will not come) or bits still waiting mean the COW file alone
     /// does not hold them: the crash journal must then stay.
     fn shutdown_result(&self) -> Result<(), i32> {
-        if let Some(errno) = self.sticky_error {
+        if let Some(errno) = self.epochs.sticky_error() {
             return Err(errno);
         }
         if self.shared.opts.readonly {
@@ -252,12 +178,7 @@ impl Meta {
     }
 
     fn idle(&self) -> bool {
-        self.epochs.is_empty()
-            && self
-                .open
-                .as_ref()
-                .is_none_or(|e| !e.wanted && e.waiters.is_empty())
-            && self.sync_in_flight.is_none()
+        self.epochs.idle()
             && self.delayed.is_empty()
             && self.engine.in_flight() == 0
             && self.shared.state.lock().map_or(true, |s| s.wb.is_idle())
@@ -309,64 +230,33 @@ impl Meta {
         }
     }
 
-    fn open_epoch(&mut self) -> &mut Epoch {
-        let id = self.next_epoch;
-        if self.open.is_none() {
-            self.next_epoch += 1;
-        }
-        self.open.get_or_insert_with(|| Epoch::new(id))
-    }
-
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Flush(r) => {
                 if self.shared.opts.readonly {
                     // Nothing is written, so everything is durable.
-                    r.mailbox.deliver(Completion {
-                        tag: r.tag,
-                        result: Ok(()),
-                    });
+                    deliver(r, Ok(()));
                     return;
                 }
-                if let Some(errno) = self.sticky_error {
-                    r.mailbox.deliver(Completion {
-                        tag: r.tag,
-                        result: Err(errno),
-                    });
-                    return;
-                }
-                // Nothing written since the last sync and nothing in
-                // progress: already durable.
-                let quiet = self.epochs.is_empty()
-                    && self.open.is_none()
-                    && self.sync_in_flight.is_none()
-                    && self.shared.writes_since_sync.load(Ordering::Acquire) == 0
+                // Nothing written since the last sync and no bits waiting.
+                let quiet = self.shared.writes_since_sync.load(Ordering::Acquire) == 0
                     && self
                         .shared
                         .state
                         .lock()
                         .is_ok_and(|s| s.unpersisted.is_empty());
-                if quiet {
-                    r.mailbox.deliver(Completion {
-                        tag: r.tag,
-                        result: Ok(()),
-                    });
-                } else {
-                    self.open_epoch().waiters.push(r);
+                if let Some((r, result)) = self.epochs.flush(r, quiet) {
+                    deliver(r, result);
                 }
             }
-            Cmd::Persist(ranges, r) => {
-                let e = self.open_epoch();
-                e.extra.extend(ranges);
-                e.waiters.push(r);
-            }
+            Cmd::Persist(ranges, r) => self.epochs.persist(ranges, r),
             Cmd::Kick => {}
             Cmd::Shutdown(tx) => {
                 self.shutdown.push(tx);
                 // A read-only disk writes no bits (sectors a crash journal
                 // brought back are only routed to the COW, in memory).
                 if !self.shared.opts.readonly {
-                    self.open_epoch().wanted = true;
+                    self.epochs.want();
                 }
             }
         }
@@ -376,73 +266,45 @@ impl Meta {
         if self.shared.opts.readonly {
             return;
         }
+        let opts = &self.shared.opts;
         let due = self.shared.state.lock().is_ok_and(|s| {
-            s.checkpoint_requested
-                || s.since
-                    .is_some_and(|t| t.elapsed() >= self.shared.opts.max_pending_age)
-                || s.unpersisted.len() >= self.shared.opts.max_pending_extents
+            checkpoint_due(
+                s.checkpoint_requested,
+                s.since,
+                s.unpersisted.len(),
+                Instant::now(),
+                opts.max_pending_age,
+                opts.max_pending_extents,
+            )
         });
-        let busy = self.epochs.iter().any(|e| e.phase != Phase::Done);
-        if due && !busy {
-            self.open_epoch().wanted = true;
+        if due && !self.epochs.busy() {
+            self.epochs.want();
         }
     }
 
     fn maybe_sync(&mut self) {
-        if self.sync_in_flight.is_some() {
-            return;
-        }
-        let mut covered = Vec::new();
-        for e in &mut self.epochs {
-            if e.phase == Phase::NeedFinalSync {
-                e.phase = Phase::FinalSync;
-                covered.push(e.id);
-            }
-        }
-        let ready = self
-            .open
-            .as_ref()
-            .is_some_and(|e| e.wanted || !e.waiters.is_empty());
-        if ready {
-            if let Some(mut e) = self.open.take() {
-                // The batch is fixed now: the sync about to be issued covers
-                // exactly the writes that completed before this point.
-                if let Ok(mut s) = self.shared.state.lock() {
-                    e.batch = s.unpersisted.iter().collect();
+        let shared = &self.shared;
+        // The batch is fixed when the open epoch closes: the sync about to
+        // be issued covers exactly the writes that completed before now.
+        let issue = self.epochs.start_sync(|| {
+            shared.state.lock().map_or_else(
+                |_| Vec::new(),
+                |mut s| {
                     s.since = None;
                     s.checkpoint_requested = false;
-                }
-                e.batch.append(&mut e.extra);
-                e.phase = Phase::DataSync;
-                covered.push(e.id);
-                self.epochs.push_back(e);
-            }
-        }
-        if covered.is_empty() {
+                    s.unpersisted.iter().collect()
+                },
+            )
+        });
+        if !issue {
             return;
         }
         // Every write counted so far completed before this sync is issued.
-        self.shared.writes_since_sync.store(0, Ordering::Release);
-        let op = IoOp::fsync(self.shared.file.meta_fd.as_raw_fd(), SYNC_TAG);
-        match self.engine.push(op) {
-            Ok(()) => self.sync_in_flight = Some(covered),
-            Err(e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                for id in covered {
-                    self.fail_epoch(id, errno);
-                }
-            }
-        }
-    }
-
-    fn epoch_mut(&mut self, id: u64) -> Option<&mut Epoch> {
-        self.epochs.iter_mut().find(|e| e.id == id)
-    }
-
-    fn fail_epoch(&mut self, id: u64, errno: i32) {
-        if let Some(e) = self.epoch_mut(id) {
-            e.error = Some(errno);
-            e.phase = Phase::Done;
+        shared.writes_since_sync.store(0, Ordering::Release);
+        let op = IoOp::fsync(shared.file.meta_fd.as_raw_fd(), SYNC_TAG);
+        if let Err(e) = self.engine.push(op) {
+            self.epochs
+                .sync_not_issued(e.raw_os_error().unwrap_or(libc::EIO));
         }
     }
 
@@ -459,41 +321,27 @@ impl Meta {
     }
 
     fn on_sync(&mut self, result: i64) {
-        let covered = self.sync_in_flight.take().unwrap_or_default();
-        if result < 0 {
-            let errno = i32::try_from(-result).unwrap_or(libc::EIO);
+        let result = if result < 0 {
+            let errno = i32::try_from(result.saturating_neg()).unwrap_or(libc::EIO);
             log::error!(
                 "{}: fdatasync failed ({}); data may be lost, every later flush fails",
                 self.shared.info.path.display(),
                 std::io::Error::from_raw_os_error(errno)
             );
-            self.sticky_error = Some(errno);
-            for id in covered {
-                self.fail_epoch(id, errno);
-            }
-            return;
-        }
-        for id in covered {
-            let phase = self.epoch_mut(id).map(|e| e.phase);
-            match phase {
-                Some(Phase::DataSync) => self.start_bitmaps(id),
-                Some(Phase::FinalSync) => {
-                    if let Some(e) = self.epoch_mut(id) {
-                        e.phase = Phase::Done;
-                    }
-                }
-                _ => {}
-            }
+            Err(errno)
+        } else {
+            Ok(())
+        };
+        for (id, batch) in self.epochs.sync_done(result) {
+            self.start_bitmaps(id, batch);
         }
     }
 
     /// The epoch's data is durable: write the bits of its batch.
-    fn start_bitmaps(&mut self, id: u64) {
+    fn start_bitmaps(&mut self, id: u64, mut epoch_batch: Vec<Range<u64>>) {
         let shared = self.shared.clone();
         let mut batch: Vec<Range<u64>> = std::mem::take(&mut self.rewrite);
-        if let Some(e) = self.epoch_mut(id) {
-            batch.append(&mut e.batch);
-        }
+        batch.append(&mut epoch_batch);
         let mut issued = Vec::new();
         let mut count = 0usize;
         if let Ok(mut s) = shared.state.lock() {
@@ -538,14 +386,7 @@ impl Meta {
         for w in issued {
             self.issue(w.id, w.mem, w.file_offset);
         }
-        if let Some(e) = self.epoch_mut(id) {
-            e.outstanding = count;
-            e.phase = if count == 0 {
-                Phase::Done
-            } else {
-                Phase::Bitmaps
-            };
-        }
+        self.epochs.bitmaps_started(id, count);
     }
 
     /// The crash journal learns how many bits may reach the file before the
@@ -601,44 +442,32 @@ impl Meta {
         let Some((epoch, sectors)) = self.writes.remove(&write_id) else {
             return;
         };
+        let mut error = None;
         if result < 0 {
-            let errno = i32::try_from(-result).unwrap_or(libc::EIO);
+            let errno = i32::try_from(result.saturating_neg()).unwrap_or(libc::EIO);
             log::error!(
                 "{}: bitmap write failed ({}); will retry at the next flush",
                 shared.info.path.display(),
                 std::io::Error::from_raw_os_error(errno)
             );
             self.rewrite.extend(sectors);
-            if let Some(e) = self.epoch_mut(epoch) {
-                e.error = Some(errno);
-            }
+            error = Some(errno);
         }
-        if let Some(e) = self.epoch_mut(epoch) {
-            e.outstanding = e.outstanding.saturating_sub(1);
-            if e.outstanding == 0 && e.phase == Phase::Bitmaps {
-                e.phase = if e.error.is_some() {
-                    Phase::Done
-                } else {
-                    Phase::NeedFinalSync
-                };
-            }
-        }
+        self.epochs.bitmap_done(epoch, error);
     }
 
     fn finish_epochs(&mut self) {
-        while self.epochs.front().is_some_and(|e| e.phase == Phase::Done) {
-            let Some(e) = self.epochs.pop_front() else {
-                break;
-            };
+        for (waiters, result) in self.epochs.take_finished() {
             self.shared.stats.epochs.fetch_add(1, Ordering::Relaxed);
-            for r in e.waiters {
-                r.mailbox.deliver(Completion {
-                    tag: r.tag,
-                    result: e.error.map_or(Ok(()), Err),
-                });
+            for r in waiters {
+                deliver(r, result);
             }
         }
     }
+}
+
+fn deliver(r: Reply, result: Result<(), i32>) {
+    r.mailbox.deliver(Completion { tag: r.tag, result });
 }
 
 /// How long a disk's durability thread may take to persist at shutdown.
