@@ -11,14 +11,13 @@
 use std::{
     fs::{File, OpenOptions},
     io,
-    os::{
-        fd::AsRawFd,
-        unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
-    },
+    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
 use thiserror::Error;
+
+use crate::engine::sys::LockHolder;
 
 use super::{
     bitmap::Bitmap,
@@ -165,14 +164,6 @@ pub enum CowFileError {
     },
 }
 
-fn flock(kind: libc::c_int) -> libc::flock {
-    // SAFETY: `flock` is a plain C struct for which all-zero is valid.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl
-}
-
 /// Takes a whole-file OFD lock (`F_RDLCK` or `F_WRLCK`) without waiting.
 pub fn ofd_lock(
     file: &File,
@@ -180,36 +171,29 @@ pub fn ofd_lock(
     write: bool,
     role: &'static str,
 ) -> Result<(), CowFileError> {
-    let kind = if write { libc::F_WRLCK } else { libc::F_RDLCK };
-    let mut fl = flock(kind);
-    // SAFETY: `fcntl` with F_OFD_SETLK reads the `flock` we pass and does not
-    // keep the pointer; the fd is valid for the duration of the call.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &raw mut fl) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN | libc::EACCES) => {
-            let mut probe = flock(kind);
-            // SAFETY: as above; F_OFD_GETLK fills in the struct we own.
-            let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &raw mut probe) };
-            let posix = rc == 0 && probe.l_pid > 0;
-            let holder = if posix {
-                format!("process {} (a POSIX lock, e.g. UML)", probe.l_pid)
-            } else {
-                "another open file description (an OFD lock, e.g. another vhost-user-ubd)".into()
+    match crate::engine::sys::ofd_lock(file, write) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(holder)) => {
+            let (holder, ofd) = match holder {
+                LockHolder::Posix(pid) => {
+                    (format!("process {pid} (a POSIX lock, e.g. UML)"), false)
+                }
+                LockHolder::Ofd => (
+                    "another open file description (an OFD lock, e.g. another vhost-user-ubd)"
+                        .into(),
+                    true,
+                ),
             };
             Err(CowFileError::Locked {
                 role,
                 path: path.to_path_buf(),
                 holder,
-                ofd: !posix,
+                ofd,
             })
         }
-        _ => Err(CowFileError::Lock {
+        Err(source) => Err(CowFileError::Lock {
             path: path.to_path_buf(),
-            source: err,
+            source,
         }),
     }
 }
@@ -650,24 +634,9 @@ pub fn read_data_regions(
 ) -> io::Result<Vec<std::ops::Range<usize>>> {
     let mut spans = Vec::new();
     let end = offset.saturating_add(buf.len() as u64);
-    let seek = |pos: u64, whence: i32| -> io::Result<Option<u64>> {
-        let Ok(p) = libc::off_t::try_from(pos) else {
-            return Ok(None);
-        };
-        // SAFETY: lseek on a descriptor we own; no memory is passed.
-        let r = unsafe { libc::lseek(file.as_raw_fd(), p, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(None),
-                _ => Err(e),
-            };
-        }
-        Ok(u64::try_from(r).ok())
-    };
     let mut pos = offset;
     while pos < end {
-        let data = match seek(pos, libc::SEEK_DATA) {
+        let data = match crate::engine::sys::seek_data_or_hole(file, pos, true) {
             Ok(Some(d)) => d,
             // No data at or after `pos`: the rest is a hole.
             Ok(None) => return Ok(spans),
@@ -677,7 +646,7 @@ pub fn read_data_regions(
         if data >= end {
             return Ok(spans);
         }
-        let hole = seek(data, libc::SEEK_HOLE)
+        let hole = crate::engine::sys::seek_data_or_hole(file, data, false)
             .ok()
             .flatten()
             .filter(|&h| h > data)

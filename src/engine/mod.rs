@@ -7,6 +7,7 @@ pub mod aio;
 pub mod buffers;
 pub mod hooks;
 pub mod shm;
+pub mod sys;
 pub mod uring;
 
 pub use buffers::{AlignedBuf, AtomicBytes, BufReturn, IoVecs, Owner};

@@ -39,6 +39,7 @@ use crate::disk::Disk;
 
 mod backend;
 mod config_space;
+pub mod connection;
 mod memory;
 mod worker;
 

@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The listening socket's path, claimed for the process's life, and the
+//! check of an inherited listening descriptor.
+
+use std::{
+    os::fd::{OwnedFd, RawFd},
+    path::PathBuf,
+};
+
+use super::DaemonError;
+use crate::engine::sys;
+
+/// A socket path this process serves, claimed by an exclusive lock on
+/// `<socket>.pid` (holding the daemon's pid, as virtiofsd does) for the
+/// process's whole life: a second daemon on the same path is refused
+/// instead of unlinking the live socket and taking the path over; a socket
+/// file whose daemon is gone (no lock) is stale and replaced.
+#[derive(Debug)]
+pub struct SocketClaim {
+    _file: std::fs::File,
+}
+
+impl SocketClaim {
+    /// Claims `socket`.
+    pub fn take(socket: &std::path::Path) -> Result<Self, DaemonError> {
+        use std::io::{Read, Seek, Write};
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".pid");
+        let lock = PathBuf::from(name);
+        let err = |source| DaemonError::SocketLock {
+            socket: socket.to_path_buf(),
+            lock: lock.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .map_err(err)?;
+        if !sys::flock_exclusive(&f).map_err(err)? {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(DaemonError::SocketInUse {
+                socket: socket.to_path_buf(),
+                lock,
+                holder: if pid.is_empty() {
+                    "pid unknown".into()
+                } else {
+                    format!("pid {pid}")
+                },
+            });
+        }
+        f.set_len(0).map_err(err)?;
+        f.rewind().map_err(err)?;
+        writeln!(f, "{}", std::process::id()).map_err(err)?;
+        Ok(Self { _file: f })
+    }
+}
+
+/// Adopts an inherited listening socket; refuses any other descriptor.
+pub(super) fn adopt_listening_fd(fd: RawFd) -> Result<OwnedFd, DaemonError> {
+    sys::adopt_listening_socket(fd).map_err(|e| DaemonError::BadFd {
+        fd,
+        reason: e.to_string(),
+    })
+}

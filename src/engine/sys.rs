@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Thin, safe wrappers of the few system calls the other layers need
+//! beyond `std`: file locks, `SEEK_DATA`/`SEEK_HOLE`, signals, listening
+//! sockets. The `unsafe` stays here (and in the rest of `engine` and in
+//! `vhost`); callers get `io::Result`s.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+};
+
+/// Who holds a conflicting whole-file lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockHolder {
+    /// A POSIX (`fcntl` `F_SETLK`) lock of this process id (UML takes one).
+    Posix(libc::pid_t),
+    /// An OFD lock of some open file description (another vhost-user-ubd).
+    Ofd,
+}
+
+fn whole_file(kind: libc::c_int) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct for which all-zero is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::c_short::try_from(kind).unwrap_or(libc::F_WRLCK as libc::c_short);
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
+}
+
+/// Takes a whole-file OFD lock (shared, or exclusive with `write`) without
+/// waiting. `Ok(Err(holder))` when someone else holds a conflicting one.
+pub fn ofd_lock(file: &File, write: bool) -> io::Result<Result<(), LockHolder>> {
+    let kind = if write { libc::F_WRLCK } else { libc::F_RDLCK };
+    let mut fl = whole_file(kind);
+    // SAFETY: `fcntl` with F_OFD_SETLK reads the `flock` we pass and does not
+    // keep the pointer; the fd is valid for the duration of the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &raw mut fl) };
+    if rc == 0 {
+        return Ok(Ok(()));
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+        return Err(err);
+    }
+    let mut probe = whole_file(kind);
+    // SAFETY: as above; F_OFD_GETLK fills in the struct we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &raw mut probe) };
+    Ok(Err(if rc == 0 && probe.l_pid > 0 {
+        LockHolder::Posix(probe.l_pid)
+    } else {
+        LockHolder::Ofd
+    }))
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when another holds it.
+pub fn flock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// `lseek(SEEK_DATA or SEEK_HOLE)` from `pos`: `Ok(None)` past the last
+/// data (ENXIO) or for a position `off_t` cannot hold.
+pub fn seek_data_or_hole(file: &File, pos: u64, data: bool) -> io::Result<Option<u64>> {
+    let Ok(p) = libc::off_t::try_from(pos) else {
+        return Ok(None);
+    };
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), p, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(u64::try_from(r).ok())
+}
+
+/// A set of signals blocked in every thread, received by [`Signals::wait`].
+#[derive(Clone, Copy)]
+pub struct Signals(libc::sigset_t);
+
+impl std::fmt::Debug for Signals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signals")
+    }
+}
+
+impl Signals {
+    /// Blocks `signals` in this thread and every thread it starts later
+    /// (call before starting any), and ignores SIGPIPE.
+    pub fn block(signals: &[libc::c_int]) -> io::Result<Self> {
+        // SAFETY: sigset manipulation on a local, zero-initialised set; plain
+        // syscalls without retained pointers.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut set);
+            for &s in signals {
+                libc::sigaddset(&raw mut set, s);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            Ok(Self(set))
+        }
+    }
+
+    /// Waits for one of the signals; returns its number.
+    pub fn wait(&self) -> io::Result<libc::c_int> {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `self.0` is a valid signal set; sigwait writes the number.
+        let rc = unsafe { libc::sigwait(&raw const self.0, &raw mut sig) };
+        if rc == 0 {
+            Ok(sig)
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+}
+
+/// True when `fd` is a listening socket.
+pub fn is_listening_socket(fd: RawFd) -> io::Result<bool> {
+    let mut val: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt writes at most `len` bytes into `val`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut val).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(val != 0)
+}
+
+/// Takes ownership of an inherited listening socket (`--fd`, systemd
+/// socket activation), after checking that it is one. Call once per
+/// descriptor: the process owns what it was handed at exec.
+pub fn adopt_listening_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    if !is_listening_socket(fd)? {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket is not listening",
+        ));
+    }
+    // SAFETY: an open socket (getsockopt succeeded) inherited for this
+    // process to own; the caller adopts it once, nothing else closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Shuts a socket down both ways (wakes a thread blocked in `accept`).
+pub fn shutdown_socket(fd: RawFd) {
+    // SAFETY: shutdown takes no memory; on a descriptor that is not a
+    // socket it fails harmlessly.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
