@@ -38,6 +38,8 @@
 //! logs with `RUST_LOG` (default `debug`). Progress and timings are written
 //! straight to stderr, so they show without `--nocapture`.
 
+mod common;
+
 use std::{
     collections::HashMap,
     ffi::OsStr,
@@ -54,7 +56,8 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-ubd");
+use common::BINARY;
+
 const MIB: u64 = 1 << 20;
 /// Size of every base image (rw needs 6 MiB, reconnect 10 MiB, mq 18 MiB).
 const BASE_SIZE: u64 = 64 * MIB;
@@ -440,7 +443,7 @@ impl Scenario {
             .arg(size.to_string()));
         let base_sha = hash_file("sha256sum", &base);
         let base_mtime = std::fs::metadata(&base).unwrap().mtime();
-        run(Command::new(BIN).arg("create").arg(&cow).arg(&base));
+        run(Command::new(BINARY).arg("create").arg(&cow).arg(&base));
         let sc = Scenario {
             name,
             dir: Some(dir),
@@ -495,7 +498,7 @@ impl Scenario {
             .open(&log_path)
             .unwrap();
         writeln!(log, "===== start {} (queues {queues})", self.starts).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(BINARY);
         cmd.arg("serve")
             .arg("--socket")
             .arg(&self.sock)
@@ -660,9 +663,12 @@ impl Scenario {
     /// `sectors` sectors in the COW (the guest's writes are 4 KiB aligned,
     /// so nothing else should be allocated).
     fn check_cow(&self, sectors: u64) {
-        let out = run(Command::new(BIN).arg("check").arg(&self.cow));
+        let out = run(Command::new(BINARY).arg("check").arg(&self.cow));
         self.note(&format!("vhost-user-ubd check: {}", out.trim()));
-        let info = run(Command::new(BIN).arg("info").arg("--json").arg(&self.cow));
+        let info = run(Command::new(BINARY)
+            .arg("info")
+            .arg("--json")
+            .arg(&self.cow));
         let v: serde_json::Value = serde_json::from_str(&info).expect("info --json");
         assert_eq!(
             v["sectors_in_cow"].as_u64(),

@@ -122,7 +122,7 @@ fn expect(c: &mut Client, sectors: &[u64], want: impl Fn(u64) -> Vec<u8>, what: 
 /// drains).
 fn check_output(cow: &Path, journal_dir: &Path) -> String {
     for _ in 0..100 {
-        let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
+        let out = Command::new(BINARY)
             .arg("check")
             .arg("--crash-journal")
             .arg(journal_dir)

@@ -11,6 +11,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+/// The daemon binary built by cargo for this package.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_vhost-user-ubd");
+
 /// The mtime every test backing file gets (2024-01-01 00:00:00 UTC).
 pub const BACKING_MTIME: u64 = 1_704_067_200;
 
