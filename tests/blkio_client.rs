@@ -29,7 +29,6 @@
 //! Each test prints its duration on stderr (not captured).
 
 mod common;
-mod support;
 
 use std::{
     io::Write,
@@ -43,7 +42,7 @@ use std::{
 };
 
 use common::{backing_byte, disk_bitmap, make_backing, set_sectors, uml_moo, BACKING_MTIME};
-use support::{
+use common::{
     client::{
         self, Blkioq, Client, ClientConfig, Errno, Mem, ReqFlags, IO_TIMEOUT, MAX_DAEMON_QUEUE_SIZE,
     },

@@ -6,7 +6,6 @@
 //! something to the files, restarts and reads back against a model.
 
 mod common;
-mod support;
 
 use std::{
     path::{Path, PathBuf},
@@ -14,7 +13,7 @@ use std::{
 };
 
 use common::*;
-use support::{
+use common::{
     client::{self, Client, ClientConfig},
     daemon::{Daemon, DaemonBuilder},
 };

@@ -7,7 +7,6 @@
 //! guest memory are covered by `vhost_frontend.rs` and `blkio_client.rs`.)
 
 mod common;
-mod support;
 
 use std::{
     io::Write,
@@ -18,7 +17,7 @@ use std::{
 };
 
 use common::*;
-use support::{
+use common::{
     client::{self, Client, ClientConfig},
     daemon::{Daemon, DaemonBuilder},
 };

@@ -14,7 +14,6 @@
 //! `KILL_ITERS` (default 25; `make crash-sweep`: 100) and `KILL_SEED`.
 
 mod common;
-mod support;
 
 use std::{
     collections::HashMap,
@@ -27,7 +26,7 @@ use std::{
 
 use blkio::ReqFlags;
 use common::*;
-use support::{
+use common::{
     client::{self, Client, ClientConfig},
     daemon::DaemonBuilder,
 };

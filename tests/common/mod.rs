@@ -1,7 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the integration tests: backing images with a known
-//! pattern, the real UML tools, bitmap reading.
+//! pattern, the real UML tools, bitmap reading, and:
+//!
+//! - [`daemon`]: the one launcher of `vhost-user-ubd serve` (a socket in a
+//!   temporary directory, its log captured, a watchdog, killed on drop).
+//! - [`client`]: a libblkio (`blkio` crate) vhost-user-blk client with the
+//!   quirks of `docs/blkio-client.md` handled once.
+//! - [`frontend`]: a raw vhost-user frontend (`vhost` crate) with
+//!   hand-built split rings in memfd guest memory.
+//!
+//! Use it with `mod common;` in a test file. One-shot commands
+//! (`vhost-user-ubd create`, `check`, ...) run [`BINARY`].
 #![allow(dead_code)]
+
+pub mod client;
+pub mod daemon;
+pub mod frontend;
 
 use std::{
     fs::File,
