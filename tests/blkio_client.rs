@@ -41,7 +41,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{backing_byte, disk_bitmap, make_backing, set_sectors, uml_moo, BACKING_MTIME};
+use common::{backing_byte, disk_bitmap, make_backing, set_sectors, uml_moo, Rng, BACKING_MTIME};
 use common::{
     client::{
         self, Blkioq, Client, ClientConfig, Errno, Mem, ReqFlags, IO_TIMEOUT, MAX_DAEMON_QUEUE_SIZE,
@@ -72,30 +72,6 @@ fn timed<T>(name: &str, f: impl FnOnce() -> T) -> T {
         t.elapsed().as_secs_f64()
     );
     r
-}
-
-/// xorshift64*: small, seedable, good enough for workloads.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
 }
 
 /// Fills `buf` (whole sectors starting at `sector`) with stamped content:

@@ -181,7 +181,7 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
     .unwrap();
     disk.set_writeback(w.writeback);
     let mut q = disk.new_queue().unwrap();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut ops: Vec<GuestOp> = Vec::new();
     let mut busy = vec![false; SECTORS as usize];
     let mut in_flight = 0usize;
@@ -702,7 +702,7 @@ fn explore_all(direct: bool) {
          --cache {}",
         if direct { "none" } else { "writeback" }
     );
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let ws = workloads(direct);
     let mut explored = 0;
     for w in &ws {

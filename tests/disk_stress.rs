@@ -37,6 +37,8 @@
 //! Environment: `STRESS_SEED` overrides each case's seed, `STRESS_OPS` the
 //! number of requests per thread.
 
+mod common;
+
 use std::{
     collections::HashMap,
     fs,
@@ -49,6 +51,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{splitmix, Rng};
 use vhost_user_ubd::{
     cow::{create_cow, header::DEFAULT_ALIGNMENT},
     disk::{
@@ -91,40 +94,7 @@ const STALL: Duration = Duration::from_secs(20);
 const MAX_REPORTED: usize = 25;
 
 // ---------------------------------------------------------------------------
-// Random numbers and stamps.
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// xorshift64*: tiny, deterministic, good enough for choosing requests.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(splitmix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pct(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-}
+// Stamps.
 
 /// The content of `sector` as written by write `id` (0: the backing file).
 fn stamp(out: &mut [u8], sector: u64, id: u64) {

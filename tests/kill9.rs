@@ -147,7 +147,7 @@ fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Sh
         stop,
         flush_every,
     } = *sh;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut busy = vec![false; SECTORS as usize];
     // user_data -> (buffer slot, (sector, count, write id) or a flush)
     type Write = (u64, u64, u64);
@@ -379,7 +379,7 @@ fn kill9_run(run: &Run) -> Outcome {
     make_backing(&base, SECTORS * 512);
     let base_bytes = std::fs::read(&base).unwrap();
     let cow = dir.path().join("vm.cow");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let next_id = AtomicU64::new(1);
     let mut current: HashMap<u64, Content> = HashMap::new();
     let mut checked_sectors = 0u64;

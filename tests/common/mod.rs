@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the integration tests: backing images with a known
-//! pattern, the real UML tools, bitmap reading, and:
+//! pattern, the real UML tools, bitmap reading, a seeded random number
+//! generator, and:
 //!
 //! - [`daemon`]: the one launcher of `vhost-user-ubd serve` (a socket in a
 //!   temporary directory, its log captured, a watchdog, killed on drop).
@@ -101,20 +102,47 @@ pub fn set_sectors(bitmap: &[u8], nsect: u64) -> Vec<u64> {
         .collect()
 }
 
-/// A seeded xorshift generator: failures reproduce from the printed seed.
-pub struct Rng(pub u64);
+/// splitmix64: one well-mixed word from any `z` (seeds, stamps).
+pub fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A seeded xorshift64* generator: tiny, deterministic, good enough for
+/// choosing requests; failures reproduce from the printed seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
 
 impl Rng {
+    /// A generator for `seed` (any value, 0 included).
+    pub fn new(seed: u64) -> Self {
+        Self(splitmix(seed) | 1)
+    }
+
     /// The next 64 random bits.
     pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
     /// A number below `n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `p` percent.
+    pub fn pct(&mut self, p: u64) -> bool {
+        self.below(100) < p
     }
 }
