@@ -34,7 +34,6 @@ use vhost_user_ubd::{
 };
 
 const SECTORS: u64 = 512; // 256 KiB backing: small images, many states
-const SECTOR: usize = 512;
 static ZEROS: [u8; SECTOR] = [0; SECTOR];
 
 /// One logged event.
@@ -115,17 +114,6 @@ struct GuestOp {
     data: Vec<u8>,
     submit: usize,
     done: usize,
-}
-
-fn stamp(id: usize, sector: u64) -> Vec<u8> {
-    let mut v = vec![0u8; SECTOR];
-    v[..8].copy_from_slice(b"VUBWRITE");
-    v[8..16].copy_from_slice(&(id as u64).to_le_bytes());
-    v[16..24].copy_from_slice(&sector.to_le_bytes());
-    for (i, b) in v[24..].iter_mut().enumerate() {
-        *b = (id as u8).wrapping_mul(31) ^ (sector as u8) ^ (i as u8) | 1;
-    }
-    v
 }
 
 struct Workload {
@@ -218,12 +206,11 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
                     .any(|&b| b);
             if free {
                 let id = ops.len();
-                let mut data = Vec::new();
-                if kind == Kind::Write {
-                    for s in sector..sector + n {
-                        data.extend(stamp(id, s));
-                    }
-                }
+                let data = if kind == Kind::Write {
+                    stamps(id as u64, sector, n)
+                } else {
+                    Vec::new()
+                };
                 if kind != Kind::Flush {
                     busy[sector as usize..(sector + n) as usize].fill(true);
                 }
@@ -417,8 +404,8 @@ impl<'a> Checker<'a> {
         if bytes == ZEROS.as_slice() {
             return Found::Zero;
         }
-        if &bytes[..8] == b"VUBWRITE" {
-            let id = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
+        if let Some((id, _)) = stamp_of(bytes) {
+            let id = id as usize;
             if let Some(op) = self.run.ops.get(id) {
                 if op.kind == Kind::Write && (op.sector..op.sector + op.n).contains(&s) {
                     let o = ((s - op.sector) as usize) * SECTOR;

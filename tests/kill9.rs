@@ -36,18 +36,6 @@ const QUEUES: usize = 2;
 const DEPTH: usize = 8;
 const SLOT: usize = 16 * 512; // largest write: 16 sectors
 
-/// Sector content written by write `id`.
-fn stamp(id: u64, sector: u64) -> [u8; 512] {
-    let mut v = [0u8; 512];
-    v[..8].copy_from_slice(b"KILL9WR!");
-    v[8..16].copy_from_slice(&id.to_le_bytes());
-    v[16..24].copy_from_slice(&sector.to_le_bytes());
-    for (i, b) in v[24..].iter_mut().enumerate() {
-        *b = (id as u8) ^ (sector as u8).wrapping_mul(3) ^ (i as u8) | 1;
-    }
-    v
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Content {
     Backing,
@@ -117,13 +105,10 @@ fn identify(s: u64, got: &[u8]) -> Content {
     if got == back.as_slice() {
         return Content::Backing;
     }
-    if &got[..8] == b"KILL9WR!" {
-        let id = u64::from_le_bytes(got[8..16].try_into().unwrap());
-        if got == stamp(id, s) {
-            return Content::Write(id);
-        }
+    match stamp_of(got) {
+        Some((id, sector)) if sector == s => Content::Write(id),
+        _ => Content::Other,
     }
-    Content::Other
 }
 
 /// State the writers share.
@@ -185,10 +170,7 @@ fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Sh
                 }
                 busy[sector as usize..(sector + n) as usize].fill(true);
                 let id = next_id.fetch_add(1, Ordering::SeqCst);
-                let mut data = Vec::with_capacity((n * 512) as usize);
-                for s in sector..sector + n {
-                    data.extend_from_slice(&stamp(id, s));
-                }
+                let data = stamps(id, sector, n);
                 let off = base_off + slot * SLOT;
                 mem.write(off, &data);
                 {

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the integration tests: backing images with a known
 //! pattern, the real UML tools, bitmap reading, a seeded random number
-//! generator, and:
+//! generator, stamped sectors to check data against a model, and:
 //!
 //! - [`daemon`]: the one launcher of `vhost-user-ubd serve` (a socket in a
 //!   temporary directory, its log captured, a watchdog, killed on drop).
@@ -145,4 +145,51 @@ impl Rng {
     pub fn pct(&mut self, p: u64) -> bool {
         self.below(100) < p
     }
+}
+
+/// Bytes per sector.
+pub const SECTOR: usize = 512;
+
+/// The content of `sector` as written by write `id`: the sector number and
+/// the id in the first 16 bytes (little endian), the rest 8-byte words of
+/// a xorshift stream seeded from both. Never all zeros (the stream never
+/// is), never the [`backing_byte`] pattern (whose bytes are all odd; byte 7,
+/// the top of the sector number, is 0) and different for every
+/// `(id, sector)`, so a read tells which write, and which sector of it,
+/// it found ([`stamp_of`]).
+pub fn stamp(id: u64, sector: u64) -> [u8; SECTOR] {
+    let mut out = [0u8; SECTOR];
+    out[..8].copy_from_slice(&sector.to_le_bytes());
+    out[8..16].copy_from_slice(&id.to_le_bytes());
+    let mut x = splitmix(sector ^ id.rotate_left(32) ^ 0x5EED_5EED) | 1;
+    for w in out[16..].chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The stamps of write `id` for the `n` sectors from `first`, one after
+/// the other (the data of one write request).
+pub fn stamps(id: u64, first: u64, n: u64) -> Vec<u8> {
+    (first..first + n).flat_map(|s| stamp(id, s)).collect()
+}
+
+/// The `(id, sector)` the first 16 bytes of `data` name, whether or not
+/// the rest matches (for failure messages about garbage).
+pub fn stamp_header(data: &[u8]) -> (u64, u64) {
+    let word = |i: usize| u64::from_le_bytes(data[i..i + 8].try_into().unwrap());
+    (word(8), word(0))
+}
+
+/// `Some((id, sector))` when `data` is exactly [`stamp`]`(id, sector)`
+/// (of any sector: compare it with the one read); `None` for anything else.
+pub fn stamp_of(data: &[u8]) -> Option<(u64, u64)> {
+    if data.len() != SECTOR {
+        return None;
+    }
+    let (id, sector) = stamp_header(data);
+    (stamp(id, sector)[..] == *data).then_some((id, sector))
 }
