@@ -29,7 +29,6 @@
 //! Each test prints its duration on stderr (not captured).
 
 mod common;
-mod support;
 
 use std::{
     io::Write,
@@ -42,12 +41,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{backing_byte, disk_bitmap, make_backing, set_sectors, uml_moo, BACKING_MTIME};
-use support::{
+use common::{
+    backing_byte,
     client::{
         self, Blkioq, Client, ClientConfig, Errno, Mem, ReqFlags, IO_TIMEOUT, MAX_DAEMON_QUEUE_SIZE,
     },
     daemon::{Daemon, DaemonBuilder},
+    disk_bitmap, make_backing, set_sectors, stamp_of, stamps, uml_moo, Rng, BACKING_MTIME,
 };
 
 /// Bytes per sector.
@@ -75,49 +75,6 @@ fn timed<T>(name: &str, f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// xorshift64*: small, seedable, good enough for workloads.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-}
-
-/// Fills `buf` (whole sectors starting at `sector`) with stamped content:
-/// each sector starts with its sector number and the write id, the rest
-/// is derived from both (never all zeros, never the backing pattern).
-fn stamp(buf: &mut [u8], sector: u64, id: u64) {
-    for (i, s) in buf.chunks_exact_mut(SECTOR as usize).enumerate() {
-        let sec = sector + i as u64;
-        s[..8].copy_from_slice(&sec.to_le_bytes());
-        s[8..16].copy_from_slice(&id.to_le_bytes());
-        let mut x =
-            sec.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id.wrapping_mul(0xD6E8_FEB8_6659_FD93);
-        for b in &mut s[16..] {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-    }
-}
-
 /// What a sector's bytes look like, for failure messages.
 fn describe(sector: u64, bytes: &[u8], size: u64) -> String {
     if bytes.iter().all(|&b| b == 0) {
@@ -133,18 +90,10 @@ fn describe(sector: u64, bytes: &[u8], size: u64) -> String {
     }) {
         return "the backing/initial pattern".into();
     }
-    let sec = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-    let id = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
-    let mut want = vec![0u8; SECTOR as usize];
-    stamp(&mut want, sec, id);
-    if want == bytes {
-        if sec == sector {
-            format!("write #{id}")
-        } else {
-            format!("write #{id} of sector {sec} (misplaced)")
-        }
-    } else {
-        format!("unknown bytes {:02x?}..", &bytes[..16])
+    match stamp_of(bytes) {
+        Some((id, sec)) if sec == sector => format!("write #{id}"),
+        Some((id, sec)) => format!("write #{id} of sector {sec} (misplaced)"),
+        None => format!("unknown bytes {:02x?}..", &bytes[..16]),
     }
 }
 
@@ -419,8 +368,7 @@ fn random_queue(
                     );
                 }
                 Kind::Write if vectored => {
-                    content = vec![0u8; len as usize];
-                    stamp(&mut content, range.start, id);
+                    content = stamps(id, range.start, range.end - range.start);
                     segs = scatter(&mut rng, len as usize);
                     let mut d = 0;
                     for &(o, l) in &segs {
@@ -431,8 +379,7 @@ fn random_queue(
                     q.writev(pos, iov.as_ptr(), iov.len() as u32, slot, ReqFlags::empty());
                 }
                 Kind::Write => {
-                    content = vec![0u8; len as usize];
-                    stamp(&mut content, range.start, id);
+                    content = stamps(id, range.start, range.end - range.start);
                     mem.write(off, &content);
                     q.write(
                         pos,
@@ -804,8 +751,11 @@ fn random_io_case(cow: bool, queues: usize, ops_per_queue: usize, seed: u64, ext
     }
     // A write into a discarded range reads back (no stale hole).
     let r = 1032..1040;
-    let mut content = vec![0u8; ((r.end - r.start) * SECTOR) as usize];
-    stamp(&mut content, r.start, ids.fetch_add(1, Ordering::Relaxed));
+    let content = stamps(
+        ids.fetch_add(1, Ordering::Relaxed),
+        r.start,
+        r.end - r.start,
+    );
     assert_eq!(client::write_at(q, mem, 0, r.start * SECTOR, &content), 0);
     m.set(&r, Some(&content));
     check_range(q, mem, 0, &m, 1024..1152, "write into a discarded range");
@@ -975,8 +925,7 @@ fn readonly_disks_read_correct_data_and_refuse_writes() {
             let mut c = Client::connect(d.socket(), &ClientConfig::default()).unwrap();
             let mem = c.mem;
             for (i, &(s, n)) in written.iter().enumerate() {
-                let mut buf = vec![0u8; (n * SECTOR) as usize];
-                stamp(&mut buf, s, 1000 + i as u64);
+                let buf = stamps(1000 + i as u64, s, n);
                 assert_eq!(client::write_at(c.q(0), mem, 0, s * SECTOR, &buf), 0);
                 model.set(&(s..s + n), Some(&buf));
             }
@@ -1253,8 +1202,7 @@ fn bad_requests_get_errors_and_the_daemon_keeps_serving() {
                 "the unregistered part of the partial region was written"
             );
             // A good write on the old connection (if it lives) or the new one.
-            let mut content = vec![0u8; 4096];
-            stamp(&mut content, 48, 4242);
+            let content = stamps(4242, 48, 8);
             if !dropped {
                 assert_eq!(client::write_at(c.q(0), mem, 0, 48 * SECTOR, &content), 0);
                 m.set(&(48..56), Some(&content));
@@ -1293,8 +1241,7 @@ fn bad_requests_get_errors_and_the_daemon_keeps_serving() {
 fn write_ranges(c: &mut Client, qi: usize, m: &mut Model, ranges: &[Range<u64>], id: u64) {
     let mem = c.mem;
     for (k, r) in ranges.iter().enumerate() {
-        let mut buf = vec![0u8; ((r.end - r.start) * SECTOR) as usize];
-        stamp(&mut buf, r.start, id + k as u64);
+        let buf = stamps(id + k as u64, r.start, r.end - r.start);
         let off = qi * DEPTH * MAX_IO;
         assert_eq!(
             client::write_at(c.q(qi), mem, off, r.start * SECTOR, &buf),
@@ -1556,8 +1503,7 @@ fn r4_reads_overlapping_a_held_bitmap_write_wait_and_others_do_not() {
             let want_far = m.bytes(&(far..far + 1)).to_vec();
 
             // Sector 0: fresh, so the next FLUSH writes bitmap byte 0.
-            let mut content = vec![0u8; SECTOR as usize];
-            stamp(&mut content, 0, 77);
+            let content = stamps(77, 0, 1);
             let q0_buf = 3 * MAX_TICKS * SECTOR as usize;
             assert_eq!(client::write_at(c.q(0), mem, q0_buf, 0, &content), 0);
             m.set(&(0..1), Some(&content));

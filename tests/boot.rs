@@ -38,15 +38,13 @@
 //! logs with `RUST_LOG` (default `debug`). Progress and timings are written
 //! straight to stderr, so they show without `--nocapture`.
 
+mod common;
+
 use std::{
     collections::HashMap,
-    ffi::OsStr,
     fs::File,
     io::{Read, Write},
-    os::unix::{
-        fs::{FileTypeExt, MetadataExt},
-        process::{CommandExt, ExitStatusExt},
-    },
+    os::unix::{fs::MetadataExt, process::ExitStatusExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::OnceLock,
@@ -54,7 +52,11 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-ubd");
+use common::{
+    daemon::{die_with_parent, Daemon, DaemonBuilder},
+    BINARY,
+};
+
 const MIB: u64 = 1 << 20;
 /// Size of every base image (rw needs 6 MiB, reconnect 10 MiB, mq 18 MiB).
 const BASE_SIZE: u64 = 64 * MIB;
@@ -225,22 +227,6 @@ fn send_signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
     }
 }
 
-/// Makes `cmd`'s process get `signal` if the thread that spawned it dies,
-/// so a panicking or interrupted test leaves nothing behind.
-fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
-    // SAFETY: the closure runs between fork and exec and only calls prctl(2),
-    // which is async-signal-safe, and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            let sig = libc::c_ulong::try_from(signal).unwrap_or(9);
-            if libc::prctl(libc::PR_SET_PDEATHSIG, sig) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Waits for `child` for at most `limit`; `None` if it is still running.
 fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let t = Instant::now();
@@ -253,22 +239,6 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         }
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Whether a unix socket bound to `path` is in the listening state
-/// (`/proc/net/unix`: flag `__SO_ACCEPTCON` = 0x10000). Does not connect,
-/// so the daemon sees no spurious frontend.
-fn listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let want = path.as_os_str();
-    table.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() >= 8
-            && OsStr::new(f[7]) == want
-            && u32::from_str_radix(f[3], 16).is_ok_and(|fl| fl & 0x1_0000 != 0)
-    })
 }
 
 /// Last `n` lines of a file (for failure messages).
@@ -300,55 +270,23 @@ impl Drop for Vm {
     }
 }
 
-/// One running `vhost-user-ubd serve`.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    reaped: bool,
+/// SIGTERM; the daemon must drain, persist and exit 0 within 20 s.
+fn sigterm(daemon: Daemon) -> Duration {
+    let t = Instant::now();
+    let st = daemon.terminate_within(Duration::from_secs(20));
+    assert!(
+        st.success(),
+        "daemon (pid {}) exited with {st} after SIGTERM\n{}",
+        daemon.pid(),
+        tail(daemon.log_path(), 30)
+    );
+    t.elapsed()
 }
 
-impl Daemon {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM; the daemon must drain, persist and exit 0 within 20 s.
-    fn stop(mut self) -> Duration {
-        let t = Instant::now();
-        send_signal(self.pid(), libc::SIGTERM).expect("SIGTERM the daemon");
-        let st = wait_timeout(&mut self.child, Duration::from_secs(20));
-        self.reaped = st.is_some();
-        let log = tail(&self.log, 30);
-        match st {
-            Some(st) => assert!(
-                st.success(),
-                "daemon (pid {}) exited with {st} after SIGTERM\n{log}",
-                self.pid()
-            ),
-            None => panic!(
-                "daemon (pid {}) still running 20 s after SIGTERM\n{log}",
-                self.pid()
-            ),
-        }
-        t.elapsed()
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill9(mut self) {
-        send_signal(self.pid(), libc::SIGKILL).expect("SIGKILL the daemon");
-        let st = self.child.wait().expect("wait for the daemon");
-        self.reaped = true;
-        assert_eq!(st.signal(), Some(libc::SIGKILL), "daemon: {st}");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if !self.reaped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// SIGKILL, as a crash.
+fn sigkill(daemon: Daemon) {
+    let st = daemon.kill();
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "daemon: {st}");
 }
 
 /// Result of one `run-vm.sh` boot.
@@ -440,7 +378,7 @@ impl Scenario {
             .arg(size.to_string()));
         let base_sha = hash_file("sha256sum", &base);
         let base_mtime = std::fs::metadata(&base).unwrap().mtime();
-        run(Command::new(BIN).arg("create").arg(&cow).arg(&base));
+        run(Command::new(BINARY).arg("create").arg(&cow).arg(&base));
         let sc = Scenario {
             name,
             dir: Some(dir),
@@ -478,70 +416,32 @@ impl Scenario {
         self.steps.push((what.to_owned(), d));
     }
 
-    /// Starts `serve` on the COW and waits until the socket listens. A
-    /// leftover socket file (after SIGKILL) is removed first, so QEMU's
-    /// reconnect attempts fail until the new daemon really listens.
+    /// Starts `serve` on the COW and waits until the socket listens (the
+    /// common launcher removes a leftover socket file, after SIGKILL,
+    /// first, so QEMU's reconnect attempts fail until the new daemon really
+    /// listens). Every daemon of the scenario appends to `vub.log`.
     fn start_daemon(&mut self, queues: u32) -> Daemon {
         let t = Instant::now();
         self.starts += 1;
-        match std::fs::symlink_metadata(&self.sock) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&self.sock).unwrap(),
-            _ => {}
-        }
-        let log_path = self.path.join("daemon.log");
         let mut log = File::options()
             .create(true)
             .append(true)
-            .open(&log_path)
+            .open(self.path.join("vub.log"))
             .unwrap();
         writeln!(log, "===== start {} (queues {queues})", self.starts).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&self.sock)
-            .arg("--cow")
-            .arg(&self.cow)
+        let mut b = DaemonBuilder::new(&self.path)
+            .name("vub")
+            .cow(&self.cow, None)
             .args(&self.serve_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .default_rust_log("debug")
+            .append_log()
+            .no_deadline()
+            .die_with_parent();
         if !self.default_queues {
-            cmd.arg("--queues").arg(queues.to_string());
+            b = b.queues(queues as usize);
         }
-        // The scenario's own directory, never the shared /dev/shm.
-        if !self.serve_args.iter().any(|a| a == "--crash-journal") {
-            cmd.arg("--crash-journal").arg(&self.path);
-        }
-        die_with_parent(&mut cmd, libc::SIGKILL);
-        let mut child = cmd.spawn().expect("spawn vhost-user-ubd serve");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !listening(&self.sock) {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!(
-                    "daemon exited with {st} before listening\n{}",
-                    tail(&log_path, 30)
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "daemon did not listen on {} within 15 s\n{}",
-                    self.sock.display(),
-                    tail(&log_path, 30)
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        let d = Daemon {
-            child,
-            log: log_path,
-            reaped: false,
-        };
+        let d = b.spawn();
+        assert_eq!(d.socket(), self.sock, "the socket QEMU connects to");
         self.note(&format!(
             "daemon #{} pid {} listening after {}",
             self.starts,
@@ -614,7 +514,7 @@ impl Scenario {
     }
 
     fn check_boot(&mut self, boot: &Boot, test: &str, daemon: Option<&Daemon>) {
-        let daemon_log = daemon.map(|d| tail(&d.log, 40)).unwrap_or_default();
+        let daemon_log = daemon.map(|d| tail(d.log_path(), 40)).unwrap_or_default();
         assert!(
             boot.status.success(),
             "boot `{test}` failed ({}):\n{}\n{}{daemon_log}",
@@ -660,9 +560,12 @@ impl Scenario {
     /// `sectors` sectors in the COW (the guest's writes are 4 KiB aligned,
     /// so nothing else should be allocated).
     fn check_cow(&self, sectors: u64) {
-        let out = run(Command::new(BIN).arg("check").arg(&self.cow));
+        let out = run(Command::new(BINARY).arg("check").arg(&self.cow));
         self.note(&format!("vhost-user-ubd check: {}", out.trim()));
-        let info = run(Command::new(BIN).arg("info").arg("--json").arg(&self.cow));
+        let info = run(Command::new(BINARY)
+            .arg("info")
+            .arg("--json")
+            .arg(&self.cow));
         let v: serde_json::Value = serde_json::from_str(&info).expect("info --json");
         assert_eq!(
             v["sectors_in_cow"].as_u64(),
@@ -753,14 +656,14 @@ fn rw_then_verify_across_sigterm_restart() {
             .unwrap_or_else(|| panic!("rw-md5 line without a numeric {k}: {f:?}"))
     };
     assert_eq!(num("size_bytes"), BASE_SIZE, "guest disk size");
-    let d = daemon.stop();
+    let d = sigterm(daemon);
     sc.note(&format!("daemon stopped with SIGTERM in {}", secs(d)));
     sc.step("SIGTERM", d);
 
     let daemon = sc.start_daemon(1);
     let verify = sc.boot(&daemon, "verify", 1);
     assert!(verify.has("VUB: verify-ok"), "{}", verify.out);
-    sc.step("SIGTERM", daemon.stop());
+    sc.step("SIGTERM", sigterm(daemon));
     sc.check_base_unchanged();
     sc.check_cow(5 * MIB / 512);
 
@@ -825,12 +728,12 @@ fn ext4_survives_daemon_restart() {
         "expected 6 ext4-file lines, got {files}:\n{}",
         b.out
     );
-    sc.step("SIGTERM", daemon.stop());
+    sc.step("SIGTERM", sigterm(daemon));
 
     let daemon = sc.start_daemon(1);
     let b = sc.boot(&daemon, "ext4-verify", 1);
     assert!(b.has("VUB: ext4-verify-ok"), "{}", b.out);
-    sc.step("SIGTERM", daemon.stop());
+    sc.step("SIGTERM", sigterm(daemon));
     sc.check_base_unchanged();
 
     if let Some(e2fsck) = which("e2fsck") {
@@ -872,7 +775,7 @@ fn multiqueue_guest_sees_two_hw_queues() {
         b.out
     );
     assert!(b.has("VUB: mq-ok"), "{}", b.out);
-    sc.step("SIGTERM", daemon.stop());
+    sc.step("SIGTERM", sigterm(daemon));
     sc.check_base_unchanged();
     sc.finish();
 }
@@ -893,7 +796,7 @@ fn plain_command_lines_work_with_qemus_default_num_queues() {
         b.out
     );
     assert!(b.has("VUB: mq-ok"), "{}", b.out);
-    sc.step("SIGTERM", daemon.stop());
+    sc.step("SIGTERM", sigterm(daemon));
     sc.check_base_unchanged();
     sc.finish();
 }
@@ -931,7 +834,7 @@ fn reconnect_after_sigkill() {
                 "guest ended ({st}) before `{mark}`:\n{}{}{}",
                 tail(&out_path, 60),
                 tail(&serial, 60),
-                tail(&daemon.log, 40)
+                tail(daemon.log_path(), 40)
             );
         }
         assert!(
@@ -946,7 +849,7 @@ fn reconnect_after_sigkill() {
         secs(t.elapsed()),
         daemon.pid()
     ));
-    daemon.kill9();
+    sigkill(daemon);
     let down = Instant::now();
     // restart 1.5 s later on the same socket and COW
     let _ = std::fs::remove_file(&sc.sock);
@@ -998,7 +901,7 @@ fn reconnect_after_sigkill() {
     sc.note(&format!(
         "{RECONNECT_ITERS}/{RECONNECT_ITERS} iterations ok, longest iteration {max_dt:.2}s"
     ));
-    sc.step("SIGTERM", daemon.stop());
+    sc.step("SIGTERM", sigterm(daemon));
     sc.check_base_unchanged();
     sc.check_cow(RECONNECT_ITERS * MIB / 512);
 
@@ -1096,7 +999,7 @@ fn fio_under_kill9(name: &'static str, serve_args: &[&str]) -> FioRun {
             "kill -9 #{k} of daemon pid {} during fio's writes",
             daemon.pid()
         ));
-        daemon.kill9();
+        sigkill(daemon);
         let _ = std::fs::remove_file(&sc.sock);
         daemon = sc.start_daemon(2);
     }
@@ -1109,7 +1012,7 @@ fn fio_under_kill9(name: &'static str, serve_args: &[&str]) -> FioRun {
         serial: std::fs::read_to_string(&serial).unwrap_or_default(),
         wall: t.elapsed(),
     };
-    let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    let log = daemon.log();
     let recovered = log
         .lines()
         .filter(|l| l.contains("written and completed by the earlier daemon"))
@@ -1158,7 +1061,7 @@ fn fio_verify_survives_kill_9() {
         "no restarted daemon recovered anything from the crash journal: the kills missed the \
          window this test is about"
     );
-    sc.step("SIGTERM", daemon.stop());
+    sc.step("SIGTERM", sigterm(daemon));
     sc.check_base_unchanged();
 
     // The COW after a clean stop: uml_moo, then the same fio verifies the
@@ -1230,6 +1133,6 @@ fn negative_control_fio_verify_fails_without_the_crash_journal() {
         .unwrap_or_default()
         .to_owned();
     sc.note(&format!("without the journal, as expected: {line}"));
-    let _ = daemon.stop();
+    let _ = sigterm(daemon);
     drop(sc);
 }

@@ -6,7 +6,6 @@
 //! something to the files, restarts and reads back against a model.
 
 mod common;
-mod support;
 
 use std::{
     path::{Path, PathBuf},
@@ -14,7 +13,7 @@ use std::{
 };
 
 use common::*;
-use support::{
+use common::{
     client::{self, Client, ClientConfig},
     daemon::{Daemon, DaemonBuilder},
 };
@@ -27,12 +26,6 @@ const NO_CHECKPOINT: [&str; 4] = [
     "--checkpoint-extents",
     "1000000",
 ];
-
-fn stamp(tag: u8, sector: u64) -> Vec<u8> {
-    (0..512u64)
-        .map(|i| tag ^ (sector as u8).wrapping_mul(7) ^ (i as u8) | 0x80)
-        .collect()
-}
 
 fn backing_sector(s: u64) -> Vec<u8> {
     (s * 512..s * 512 + 512).map(backing_byte).collect()
@@ -95,23 +88,23 @@ impl Setup {
 }
 
 /// Writes `tag` stamps into `sectors` (8-sector writes), each completed.
-fn write(c: &mut Client, sectors: &[u64], tag: u8) {
+fn write(c: &mut Client, sectors: &[u64], tag: u64) {
     let mem = c.mem;
     for &s in sectors {
-        let data: Vec<u8> = (s..s + 8).flat_map(|x| stamp(tag, x)).collect();
+        let data = stamps(tag, s, 8);
         assert_eq!(client::write_at(c.q(0), mem, 0, s * 512, &data), 0);
     }
 }
 
 /// Every sector of each 8-sector write in `sectors` reads `want(sector)`.
-fn expect(c: &mut Client, sectors: &[u64], want: impl Fn(u64) -> Vec<u8>, what: &str) {
+fn expect<W: AsRef<[u8]>>(c: &mut Client, sectors: &[u64], want: impl Fn(u64) -> W, what: &str) {
     let mem = c.mem;
     for &s in sectors {
         let got = client::read_at(c.q(0), mem, 0, s * 512, 8 * 512).unwrap();
         for x in s..s + 8 {
             let i = ((x - s) * 512) as usize;
             assert!(
-                got[i..i + 512] == want(x)[..],
+                got[i..i + 512] == *want(x).as_ref(),
                 "{what}: sector {x} reads wrong data"
             );
         }
@@ -122,7 +115,7 @@ fn expect(c: &mut Client, sectors: &[u64], want: impl Fn(u64) -> Vec<u8>, what: 
 /// drains).
 fn check_output(cow: &Path, journal_dir: &Path) -> String {
     for _ in 0..100 {
-        let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
+        let out = Command::new(BINARY)
             .arg("check")
             .arg("--crash-journal")
             .arg(journal_dir)

@@ -34,7 +34,6 @@ use vhost_user_ubd::{
 };
 
 const SECTORS: u64 = 512; // 256 KiB backing: small images, many states
-const SECTOR: usize = 512;
 static ZEROS: [u8; SECTOR] = [0; SECTOR];
 
 /// One logged event.
@@ -117,17 +116,6 @@ struct GuestOp {
     done: usize,
 }
 
-fn stamp(id: usize, sector: u64) -> Vec<u8> {
-    let mut v = vec![0u8; SECTOR];
-    v[..8].copy_from_slice(b"VUBWRITE");
-    v[8..16].copy_from_slice(&(id as u64).to_le_bytes());
-    v[16..24].copy_from_slice(&sector.to_le_bytes());
-    for (i, b) in v[24..].iter_mut().enumerate() {
-        *b = (id as u8).wrapping_mul(31) ^ (sector as u8) ^ (i as u8) | 1;
-    }
-    v
-}
-
 struct Workload {
     name: &'static str,
     /// `--cache none`: data through `O_DIRECT`, first writes and rewrites
@@ -181,7 +169,7 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
     .unwrap();
     disk.set_writeback(w.writeback);
     let mut q = disk.new_queue().unwrap();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut ops: Vec<GuestOp> = Vec::new();
     let mut busy = vec![false; SECTORS as usize];
     let mut in_flight = 0usize;
@@ -218,12 +206,11 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
                     .any(|&b| b);
             if free {
                 let id = ops.len();
-                let mut data = Vec::new();
-                if kind == Kind::Write {
-                    for s in sector..sector + n {
-                        data.extend(stamp(id, s));
-                    }
-                }
+                let data = if kind == Kind::Write {
+                    stamps(id as u64, sector, n)
+                } else {
+                    Vec::new()
+                };
                 if kind != Kind::Flush {
                     busy[sector as usize..(sector + n) as usize].fill(true);
                 }
@@ -417,8 +404,8 @@ impl<'a> Checker<'a> {
         if bytes == ZEROS.as_slice() {
             return Found::Zero;
         }
-        if &bytes[..8] == b"VUBWRITE" {
-            let id = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
+        if let Some((id, _)) = stamp_of(bytes) {
+            let id = id as usize;
             if let Some(op) = self.run.ops.get(id) {
                 if op.kind == Kind::Write && (op.sector..op.sector + op.n).contains(&s) {
                     let o = ((s - op.sector) as usize) * SECTOR;
@@ -702,7 +689,7 @@ fn explore_all(direct: bool) {
          --cache {}",
         if direct { "none" } else { "writeback" }
     );
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let ws = workloads(direct);
     let mut explored = 0;
     for w in &ws {

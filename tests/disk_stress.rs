@@ -37,6 +37,8 @@
 //! Environment: `STRESS_SEED` overrides each case's seed, `STRESS_OPS` the
 //! number of requests per thread.
 
+mod common;
+
 use std::{
     collections::HashMap,
     fs,
@@ -49,6 +51,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{splitmix, stamp, stamp_header, stamp_of, stamps, Rng, SECTOR};
 use vhost_user_ubd::{
     cow::{create_cow, header::DEFAULT_ALIGNMENT},
     disk::{
@@ -57,8 +60,6 @@ use vhost_user_ubd::{
     },
 };
 
-/// Bytes per sector.
-const SECTOR: usize = 512;
 /// Disk size: 4 MiB.
 const DISK_SECTORS: u64 = 8192;
 /// The hot region: small, so requests overlap heavily. It starts and ends
@@ -91,67 +92,8 @@ const STALL: Duration = Duration::from_secs(20);
 const MAX_REPORTED: usize = 25;
 
 // ---------------------------------------------------------------------------
-// Random numbers and stamps.
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// xorshift64*: tiny, deterministic, good enough for choosing requests.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(splitmix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pct(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-}
-
-/// The content of `sector` as written by write `id` (0: the backing file).
-fn stamp(out: &mut [u8], sector: u64, id: u64) {
-    out[..8].copy_from_slice(&sector.to_le_bytes());
-    out[8..16].copy_from_slice(&id.to_le_bytes());
-    let mut x = splitmix(sector ^ id.rotate_left(32) ^ 0x5EED_5EED) | 1;
-    for w in out[16..SECTOR].chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
-}
-
-fn stamped(sector: u64, id: u64) -> [u8; SECTOR] {
-    let mut s = [0u8; SECTOR];
-    stamp(&mut s, sector, id);
-    s
-}
-
-fn header_of(data: &[u8]) -> (u64, u64) {
-    let mut a = [0u8; 8];
-    let mut b = [0u8; 8];
-    a.copy_from_slice(&data[..8]);
-    b.copy_from_slice(&data[8..16]);
-    (u64::from_le_bytes(a), u64::from_le_bytes(b))
-}
+// Stamps (`common::stamp`: the sector number and the write id in the first
+// 16 bytes).
 
 /// What a read found in one sector.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,11 +110,10 @@ fn classify(sector: u64, data: &[u8]) -> Seen {
     if data.iter().all(|&b| b == 0) {
         return Seen::Zero;
     }
-    let (s, id) = header_of(data);
-    if s == sector && stamped(sector, id)[..] == *data {
-        return Seen::Data(id);
+    match stamp_of(data) {
+        Some((id, s)) if s == sector => Seen::Data(id),
+        _ => Seen::Other(data.into()),
     }
-    Seen::Other(data.into())
 }
 
 /// A readable account of a sector that is no valid stamp.
@@ -180,13 +121,13 @@ fn describe_other(sector: u64, data: &[u8]) -> String {
     if data.iter().all(|&b| b == POISON) {
         return "the untouched read buffer (poison): the read wrote nothing here".into();
     }
-    let (s, id) = header_of(data);
-    if s < DISK_SECTORS && stamped(s, id)[..] == *data {
+    if let Some((id, s)) = stamp_of(data).filter(|&(_, s)| s < DISK_SECTORS) {
         return format!(
             "the data of ANOTHER sector: sector {s} as written by {} (wanted sector {sector})",
             who(id)
         );
     }
+    let (id, s) = stamp_header(data);
     let zeros = data.iter().filter(|&&b| b == 0).count();
     let poison = data.iter().filter(|&&b| b == POISON).count();
     format!(
@@ -464,11 +405,7 @@ fn generate(rng: &mut Rng, clock: &Clock) -> (Op, Pending) {
         op = Op::Read { sector: start, iov };
     } else {
         let id = clock.new_id();
-        let mut data = vec![0u8; len];
-        for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
-            stamp(s, start + i as u64, id);
-        }
-        scatter(&mut buf, &pieces, &data);
+        scatter(&mut buf, &pieces, &stamps(id, start, nsect));
         p.what = What::Change(id, OpKind::Write);
         let iov = iovecs(&mut buf, &pieces);
         op = Op::Write { sector: start, iov };
@@ -780,9 +717,9 @@ impl<'a> Model<'a> {
             return None;
         }
         let content = |op: &Option<&OpRec>| match op {
-            None => ("backing".to_string(), stamped(s, BACKING_ID)),
+            None => ("backing".to_string(), stamp(BACKING_ID, s)),
             Some(x) if x.kind.zeroes() => (format!("zeros #{}", x.id), [0u8; SECTOR]),
-            Some(x) => (format!("write #{}", x.id), stamped(s, x.id)),
+            Some(x) => (format!("write #{}", x.id), stamp(x.id, s)),
         };
         let flying: Vec<(String, [u8; SECTOR])> = cands
             .iter()
@@ -933,11 +870,7 @@ fn check_final(model: &Model, what: &str, image: &[Seen], failures: &mut Vec<Str
 // Cases.
 
 fn write_pattern(path: &Path) {
-    let mut data = vec![0u8; DISK_SECTORS as usize * SECTOR];
-    for (s, chunk) in data.chunks_exact_mut(SECTOR).enumerate() {
-        stamp(chunk, s as u64, BACKING_ID);
-    }
-    fs::write(path, data).expect("write the backing file");
+    fs::write(path, stamps(BACKING_ID, 0, DISK_SECTORS)).expect("write the backing file");
 }
 
 fn read_all(disk: &dyn Disk) -> Result<Vec<Seen>, String> {
@@ -1421,22 +1354,22 @@ fn model_rules() {
     // never touched it, is never valid.
     assert!(!ok(Seen::Data(99), (140, 150)));
     assert!(m
-        .judge(10, &classify(10, &stamped(11, 4)), 140, 150)
+        .judge(10, &classify(10, &stamp(4, 11)), 140, 150)
         .is_none());
     // A sector torn between write 1 (held) and write 2 (in flight) passes;
     // one torn between write 1 and zeros nobody wrote does not.
-    let mut torn = stamped(10, 1);
-    torn[200..].copy_from_slice(&stamped(10, 2)[200..]);
+    let mut torn = stamp(1, 10);
+    torn[200..].copy_from_slice(&stamp(2, 10)[200..]);
     assert!(matches!(
         m.judge(10, &classify(10, &torn), 25, 35),
         Some(Verdict::Torn(_))
     ));
-    let mut zeroed = stamped(10, 1);
+    let mut zeroed = stamp(1, 10);
     zeroed[200..].fill(0);
     assert!(m.judge(10, &classify(10, &zeroed), 25, 35).is_none());
     // Torn between two settled writes (4 and a copy of 5's zeros) with
     // nothing in flight: a write-write tear on disk, refused.
-    let mut settled = stamped(10, 4);
+    let mut settled = stamp(4, 10);
     settled[100..].fill(0);
     assert!(m.judge(10, &classify(10, &settled), 140, 150).is_none());
     // The final state: the read at +infinity.

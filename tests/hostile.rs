@@ -7,7 +7,6 @@
 //! guest memory are covered by `vhost_frontend.rs` and `blkio_client.rs`.)
 
 mod common;
-mod support;
 
 use std::{
     io::Write,
@@ -18,7 +17,7 @@ use std::{
 };
 
 use common::*;
-use support::{
+use common::{
     client::{self, Client, ClientConfig},
     daemon::{Daemon, DaemonBuilder},
 };
@@ -141,7 +140,7 @@ fn a_backing_file_changed_while_serving_fails_backing_reads_and_keeps_the_cow() 
     // The COW kept both writes; it refuses to open over the changed base.
     let bits = set_sectors(&disk_bitmap(&cow), 2048);
     assert_eq!(bits, (0..8).chain(16..24).collect::<Vec<u64>>());
-    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
+    let out = Command::new(BINARY)
         .arg("check")
         .arg(&cow)
         .output()
@@ -354,11 +353,7 @@ fn cow_headers_that_lie_are_refused_naming_file_and_field() {
         let p = dir.path().join(name);
         std::fs::write(&p, &data).unwrap();
         for cmd in ["check", "info"] {
-            let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
-                .arg(cmd)
-                .arg(&p)
-                .output()
-                .unwrap();
+            let out = Command::new(BINARY).arg(cmd).arg(&p).output().unwrap();
             let text = format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stdout),
@@ -372,7 +367,7 @@ fn cow_headers_that_lie_are_refused_naming_file_and_field() {
             assert!(!text.contains("panicked"), "{cmd} {name}: {text}");
         }
         // serve refuses it at start with the same message, exit status 1.
-        let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
+        let out = Command::new(BINARY)
             .arg("serve")
             .arg("--socket")
             .arg(dir.path().join("s.sock"))
@@ -400,7 +395,7 @@ fn a_live_socket_is_never_taken_over() {
     std::fs::write(&one, vec![0x11u8; 1 << 20]).unwrap();
     std::fs::write(&other, vec![0x22u8; 1 << 20]).unwrap();
     let d = DaemonBuilder::new(dir.path()).name("s").raw(&one).spawn();
-    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
+    let out = Command::new(BINARY)
         .arg("serve")
         .arg("--socket")
         .arg(d.socket())

@@ -4,11 +4,11 @@
 //! stay theirs. After each fault the same daemon serves a well-behaved
 //! frontend, with its CPU idle and its log bounded.
 
-mod frontend_support;
+mod common;
 
 use std::{thread, time::Duration};
 
-use frontend_support::{initial, pattern, Daemon, GuestMem, MemPath, Opts, Session};
+use common::frontend::{initial, pattern, Daemon, GuestMem, MemPath, Opts, Session, TIMEOUT};
 use vhost::{vhost_user::VhostUserFrontend, VhostBackend};
 
 const WATCHDOG: Duration = Duration::from_secs(30);
@@ -36,7 +36,7 @@ fn cpu_in(d: &Daemon, window: Duration) -> Duration {
 #[test]
 fn a_broken_available_index_stops_that_queue_only() {
     for (name, delta) in [("ahead by size + 5", 64u16 + 5), ("back by one", u16::MAX)] {
-        let mut d = Daemon::start(&[]);
+        let d = Daemon::start(&[]);
         let _wd = d.watchdog(WATCHDOG);
         let mut s = Session::open(&d, &Opts::default());
         s.check_write(8, &pattern(1, 4096));
@@ -47,16 +47,16 @@ fn a_broken_available_index_stops_that_queue_only() {
             thread::sleep(Duration::from_millis(5));
         }
         assert!(
-            d.wait_for_log("the guest broke its ring"),
+            d.wait_for_log("the guest broke its ring", TIMEOUT),
             "{name}: {}",
-            d.log_text()
+            d.log()
         );
         let cpu = cpu_in(&d, Duration::from_secs(1));
         assert!(
             cpu < Duration::from_millis(200),
             "{name}: the daemon used {cpu:?} of CPU in 1 s with a broken ring"
         );
-        let log = d.log_text();
+        let log = d.log();
         assert_eq!(d.log_count("the guest broke its ring"), 1, "{name}: {log}");
         assert!(
             d.log_count("invalid available ring index") <= 1,
@@ -79,10 +79,10 @@ fn a_broken_available_index_stops_that_queue_only() {
 #[test]
 fn a_memory_region_past_the_end_of_its_file_is_refused() {
     for path in [MemPath::SetMemTable, MemPath::AddMemReg] {
-        let mut d = Daemon::start(&[]);
+        let d = Daemon::start(&[]);
         let _wd = d.watchdog(WATCHDOG);
         let mut fe = d.connect(16);
-        let _ = frontend_support::negotiate(&mut fe, path);
+        let _ = common::frontend::negotiate(&mut fe, path);
         let gm = GuestMem::new(&[(0, 2 << 20)]);
         gm.shrink_file(0, 1 << 20);
         let regions = gm.regions();
@@ -94,8 +94,12 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
             refused,
             "{path:?}: a region past the end of its memfd was accepted"
         );
-        assert!(d.wait_for_log("memory table refused"), "{}", d.log_text());
-        assert!(d.running(), "{path:?}: the daemon died");
+        assert!(
+            d.wait_for_log("memory table refused", TIMEOUT),
+            "{}",
+            d.log()
+        );
+        assert!(d.is_running(), "{path:?}: the daemon died");
         drop(fe);
         serves_a_new_frontend(&d, 3, &initial(8, 4096));
         let (st, log) = d.stop();
@@ -110,7 +114,7 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
 #[test]
 fn a_worker_ended_by_a_bad_kick_descriptor_drops_the_connection() {
     use std::os::fd::FromRawFd;
-    let mut d = Daemon::start(&[]);
+    let d = Daemon::start(&[]);
     let _wd = d.watchdog(WATCHDOG);
     let mut s = Session::open(&d, &Opts::default());
     s.check_write(8, &pattern(1, 4096));
@@ -131,11 +135,15 @@ fn a_worker_ended_by_a_bad_kick_descriptor_drops_the_connection() {
     drop(writer); // the daemon's read of the kick now sees EOF
     s.ring.kick(&s.gm);
     assert!(
-        d.wait_for_log("a queue worker thread ended"),
+        d.wait_for_log("a queue worker thread ended", TIMEOUT),
         "the dead worker went unnoticed:\n{}",
-        d.log_text()
+        d.log()
     );
-    assert!(d.wait_for_log("frontend disconnected"), "{}", d.log_text());
+    assert!(
+        d.wait_for_log("frontend disconnected", TIMEOUT),
+        "{}",
+        d.log()
+    );
     drop(s);
     serves_a_new_frontend(&d, 4, &pattern(1, 4096));
     let (st, log) = d.stop();

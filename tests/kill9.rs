@@ -14,7 +14,6 @@
 //! `KILL_ITERS` (default 25; `make crash-sweep`: 100) and `KILL_SEED`.
 
 mod common;
-mod support;
 
 use std::{
     collections::HashMap,
@@ -27,7 +26,7 @@ use std::{
 
 use blkio::ReqFlags;
 use common::*;
-use support::{
+use common::{
     client::{self, Client, ClientConfig},
     daemon::DaemonBuilder,
 };
@@ -36,18 +35,6 @@ const SECTORS: u64 = 8192; // 4 MiB hot area
 const QUEUES: usize = 2;
 const DEPTH: usize = 8;
 const SLOT: usize = 16 * 512; // largest write: 16 sectors
-
-/// Sector content written by write `id`.
-fn stamp(id: u64, sector: u64) -> [u8; 512] {
-    let mut v = [0u8; 512];
-    v[..8].copy_from_slice(b"KILL9WR!");
-    v[8..16].copy_from_slice(&id.to_le_bytes());
-    v[16..24].copy_from_slice(&sector.to_le_bytes());
-    for (i, b) in v[24..].iter_mut().enumerate() {
-        *b = (id as u8) ^ (sector as u8).wrapping_mul(3) ^ (i as u8) | 1;
-    }
-    v
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Content {
@@ -118,13 +105,10 @@ fn identify(s: u64, got: &[u8]) -> Content {
     if got == back.as_slice() {
         return Content::Backing;
     }
-    if &got[..8] == b"KILL9WR!" {
-        let id = u64::from_le_bytes(got[8..16].try_into().unwrap());
-        if got == stamp(id, s) {
-            return Content::Write(id);
-        }
+    match stamp_of(got) {
+        Some((id, sector)) if sector == s => Content::Write(id),
+        _ => Content::Other,
     }
-    Content::Other
 }
 
 /// State the writers share.
@@ -148,7 +132,7 @@ fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Sh
         stop,
         flush_every,
     } = *sh;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut busy = vec![false; SECTORS as usize];
     // user_data -> (buffer slot, (sector, count, write id) or a flush)
     type Write = (u64, u64, u64);
@@ -186,10 +170,7 @@ fn writer(q: &mut blkio::Blkioq, mem: client::Mem, qi: usize, seed: u64, sh: &Sh
                 }
                 busy[sector as usize..(sector + n) as usize].fill(true);
                 let id = next_id.fetch_add(1, Ordering::SeqCst);
-                let mut data = Vec::with_capacity((n * 512) as usize);
-                for s in sector..sector + n {
-                    data.extend_from_slice(&stamp(id, s));
-                }
+                let data = stamps(id, sector, n);
                 let off = base_off + slot * SLOT;
                 mem.write(off, &data);
                 {
@@ -380,7 +361,7 @@ fn kill9_run(run: &Run) -> Outcome {
     make_backing(&base, SECTORS * 512);
     let base_bytes = std::fs::read(&base).unwrap();
     let cow = dir.path().join("vm.cow");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let next_id = AtomicU64::new(1);
     let mut current: HashMap<u64, Content> = HashMap::new();
     let mut checked_sectors = 0u64;

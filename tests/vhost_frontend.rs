@@ -5,14 +5,14 @@
 //! SET_MEM_TABLE and the ADD_MEM_REG paths), malformed chains, RESET_DEVICE,
 //! queue-count mismatch, reconnect, SIGTERM and GET_VRING_BASE. No VM.
 
-mod frontend_support;
+mod common;
 
 use std::{
     mem::offset_of,
     time::{Duration, Instant},
 };
 
-use frontend_support::{
+use common::frontend::{
     initial, negotiate, pattern, Daemon, Desc, GuestMem, MemPath, Opts, Session, DISK_SECTORS,
     NO_STATUS, SERIAL, TIMEOUT,
 };
@@ -106,7 +106,7 @@ fn assert_features(got: u64, want: u64) {
     );
 }
 
-fn stop_ok(d: &mut Daemon) -> String {
+fn stop_ok(d: &Daemon) -> String {
     let (st, log) = d.stop();
     assert!(st.success(), "daemon exit status {st}:\n{log}");
     assert!(log.contains("stopped cleanly"), "{log}");
@@ -118,14 +118,14 @@ fn stop_ok(d: &mut Daemon) -> String {
 /// --writethrough. SIGTERM with no frontend connected exits 0.
 #[test]
 fn negotiation_features_protocol_and_queue_count() {
-    let mut d = Daemon::start(&["--queues", "3"]);
+    let d = Daemon::start(&["--queues", "3"]);
     let _wd = d.watchdog(WATCHDOG);
     assert_features(offered(&d, 3), expected_features(false, false));
-    stop_ok(&mut d);
+    stop_ok(&d);
 
     // No --queues: 16 offered, so that a frontend's own default (QEMU: the
     // vCPU count) fits.
-    let mut d = Daemon::start(&["--readonly"]);
+    let d = Daemon::start(&["--readonly"]);
     let _wd = d.watchdog(WATCHDOG);
     let f = offered(&d, 16);
     assert_features(f, expected_features(true, false));
@@ -134,12 +134,12 @@ fn negotiation_features_protocol_and_queue_count() {
         f & (bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
         0
     );
-    stop_ok(&mut d);
+    stop_ok(&d);
 
-    let mut d = Daemon::start(&["--writethrough", "--queues", "16"]);
+    let d = Daemon::start(&["--writethrough", "--queues", "16"]);
     let _wd = d.watchdog(WATCHDOG);
     assert_features(offered(&d, 16), expected_features(false, true));
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 fn get_config(fe: &mut Frontend, offset: u32, size: u32) -> Vec<u8> {
@@ -166,7 +166,7 @@ fn le(b: &[u8], off: usize, n: usize) -> u64 {
 /// zero-padded; SET_CONFIG of the writeback byte.
 #[test]
 fn get_config_offsets_and_sizes() {
-    let mut d = Daemon::start(&["--queues", "2", "--queue-size", "128"]);
+    let d = Daemon::start(&["--queues", "2", "--queue-size", "128"]);
     let _wd = d.watchdog(WATCHDOG);
     let mut fe = d.connect(2);
     negotiate(&mut fe, MemPath::SetMemTable);
@@ -235,10 +235,10 @@ fn get_config_offsets_and_sizes() {
         .unwrap();
     assert_eq!(get_config(&mut fe, 32, 1), [1]);
     drop(fe);
-    stop_ok(&mut d);
+    stop_ok(&d);
 
     // --writethrough: WCE reads 0 and a write of it is ignored.
-    let mut d = Daemon::start(&["--writethrough"]);
+    let d = Daemon::start(&["--writethrough"]);
     let _wd = d.watchdog(WATCHDOG);
     let mut fe = d.connect(1);
     negotiate(&mut fe, MemPath::SetMemTable);
@@ -247,7 +247,7 @@ fn get_config_offsets_and_sizes() {
         .unwrap();
     assert_eq!(get_config(&mut fe, 32, 1), [0]);
     drop(fe);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// (2b) cloud-hypervisor's frontend asks for the config at
@@ -260,7 +260,7 @@ fn get_config_offsets_and_sizes() {
 /// as relative to the config struct and returns 60 zero bytes.
 #[test]
 fn get_config_at_vhost_user_config_offset_like_cloud_hypervisor() {
-    let mut d = Daemon::start(&[]);
+    let d = Daemon::start(&[]);
     let _wd = d.watchdog(WATCHDOG);
     let mut fe = d.connect(1);
     negotiate(&mut fe, MemPath::SetMemTable);
@@ -273,7 +273,7 @@ fn get_config_at_vhost_user_config_offset_like_cloud_hypervisor() {
     );
     assert_eq!(at100, at0);
     drop(fe);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// Writes, reads back, checks the image file and the neighbours; FLUSH;
@@ -301,7 +301,7 @@ fn basic_io(d: &Daemon, s: &mut Session, sector: u64, seed: u8) {
 /// data descriptor, and an indirect table.
 #[test]
 fn io_via_set_mem_table() {
-    let mut d = Daemon::start(&["--serial", SERIAL]);
+    let d = Daemon::start(&["--serial", SERIAL]);
     let _wd = d.watchdog(WATCHDOG);
     let mut s = Session::open(&d, &Opts::default());
     assert!(!s
@@ -347,7 +347,7 @@ fn io_via_set_mem_table() {
     assert_eq!(s.gm.read(b, 4096), d.disk_bytes(10 * 512, 4096));
 
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// (3b) CONFIGURE_MEM_SLOTS: memory given as two ADD_MEM_REG regions (two
@@ -355,7 +355,7 @@ fn io_via_set_mem_table() {
 /// one straddling the boundary.
 #[test]
 fn io_via_add_mem_reg() {
-    let mut d = Daemon::start(&["--serial", SERIAL]);
+    let d = Daemon::start(&["--serial", SERIAL]);
     let _wd = d.watchdog(WATCHDOG);
     let base = 0x1_0000_0000u64;
     let opts = Opts {
@@ -392,7 +392,7 @@ fn io_via_add_mem_reg() {
     assert!(r.data == data);
 
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// (4, R8) Malformed chains: each one answered (IOERR/UNSUPP, or used
@@ -400,7 +400,7 @@ fn io_via_add_mem_reg() {
 /// the same queue still works afterwards.
 #[test]
 fn bad_requests_are_answered_and_queue_keeps_serving() {
-    let mut d = Daemon::start(&[]);
+    let d = Daemon::start(&[]);
     let _wd = d.watchdog(WATCHDOG);
     let mut s = Session::open(&d, &Opts::default());
     let good_sector = 5;
@@ -507,19 +507,19 @@ fn bad_requests_are_answered_and_queue_keeps_serving() {
     assert_eq!((id.status, id.len), (OK, 9));
 
     // The first bad requests were logged (rate limit: 10 a second).
-    let log = d.log_text();
+    let log = d.log();
     assert!(log.contains("no writable status byte"), "{log}");
     assert!(log.contains("beyond the end"), "{log}");
     assert!(log.contains("unsupported request type 127"), "{log}");
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// (5) RESET_DEVICE after I/O; the frontend acks features again and sets
 /// the ring up from scratch; I/O works and sees the earlier write.
 #[test]
 fn reset_device_then_ring_setup_again() {
-    let mut d = Daemon::start(&[]);
+    let d = Daemon::start(&[]);
     let _wd = d.watchdog(WATCHDOG);
     let mut s = Session::open(&d, &Opts::default());
     let p1 = pattern(11, 4096);
@@ -527,7 +527,7 @@ fn reset_device_then_ring_setup_again() {
     s.check_read(40, &p1);
 
     s.fe.reset_device().expect("RESET_DEVICE");
-    assert!(d.wait_for_log("device reset by the frontend"));
+    assert!(d.wait_for_log("device reset by the frontend", TIMEOUT));
     s.fe.set_features(s.neg.features)
         .expect("SET_FEATURES after reset");
     s.ring.clear(&s.gm);
@@ -544,7 +544,7 @@ fn reset_device_then_ring_setup_again() {
         "requests since the reset"
     );
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// (6) A frontend wanting more queues than --queues. QEMU (and
@@ -555,7 +555,7 @@ fn reset_device_then_ring_setup_again() {
 /// works afterwards.
 #[test]
 fn too_many_queues_hint_and_daemon_keeps_listening() {
-    let mut d = Daemon::start(&["--queues", "1"]);
+    let d = Daemon::start(&["--queues", "1"]);
     let _wd = d.watchdog(WATCHDOG);
     let hint = "disconnected before SET_FEATURES";
 
@@ -570,9 +570,9 @@ fn too_many_queues_hint_and_daemon_keeps_listening() {
     // The vhost crate's Frontend now refuses queue 1 itself, unsent.
     assert!(fe.set_vring_num(1, 64).is_err());
     drop(fe);
-    assert!(d.wait_for_log(hint), "no hint:\n{}", d.log_text());
+    assert!(d.wait_for_log(hint, TIMEOUT), "no hint:\n{}", d.log());
     let line = d
-        .log_text()
+        .log()
         .lines()
         .find(|l| l.contains(hint))
         .unwrap()
@@ -602,12 +602,12 @@ fn too_many_queues_hint_and_daemon_keeps_listening() {
     let deadline = Instant::now() + TIMEOUT;
     // The user gets a hint to raise --queues.
     while d.log_count("raise --queues") < 1 {
-        assert!(Instant::now() < deadline, "{}", d.log_text());
+        assert!(Instant::now() < deadline, "{}", d.log());
         std::thread::sleep(Duration::from_millis(10));
     }
     eprintln!(
         "daemon log after the refused queue:\n{}",
-        d.log_text()
+        d.log()
             .lines()
             .filter(|l| l.contains("disconnect") || l.contains("WARN") || l.contains("ERROR"))
             .collect::<Vec<_>>()
@@ -626,7 +626,7 @@ fn too_many_queues_hint_and_daemon_keeps_listening() {
     s.check_write(100, &p);
     s.check_read(100, &p);
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// (7) Drop the frontend, connect a new one (other memory, queue 1): the
@@ -634,7 +634,7 @@ fn too_many_queues_hint_and_daemon_keeps_listening() {
 /// and closes the connection.
 #[test]
 fn reconnect_then_sigterm_exits_zero() {
-    let mut d = Daemon::start(&["--queues", "2"]);
+    let d = Daemon::start(&["--queues", "2"]);
     let _wd = d.watchdog(WATCHDOG);
     let p1 = pattern(31, 8192);
     let mut s = Session::open(&d, &Opts::default());
@@ -653,9 +653,9 @@ fn reconnect_then_sigterm_exits_zero() {
     let p2 = pattern(32, 4096);
     s.check_write(240, &p2);
     s.check_read(240, &p2);
-    assert!(d.log_text().contains("frontend disconnected"));
+    assert!(d.log().contains("frontend disconnected"));
 
-    let log = stop_ok(&mut d);
+    let log = stop_ok(&d);
     assert!(log.contains("draining"), "{log}");
     assert!(
         s.fe.get_features().is_err(),
@@ -677,7 +677,7 @@ fn stop_ring(s: &mut Session) -> u16 {
 /// (bad ones included); the ring restarted at that base goes on.
 #[test]
 fn get_vring_base_counts_consumed_requests() {
-    let mut d = Daemon::start(&["--serial", SERIAL]);
+    let d = Daemon::start(&["--serial", SERIAL]);
     let _wd = d.watchdog(WATCHDOG);
     let mut s = Session::open(&d, &Opts::default());
     s.check_write(100, &pattern(41, 4096));
@@ -695,7 +695,7 @@ fn get_vring_base_counts_consumed_requests() {
     s.run(&[Desc::r(h, 16)]); // malformed, still consumed
     assert_eq!(stop_ring(&mut s), 7);
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// Queues `n` writes of `segs` 512-byte data descriptors each (request
@@ -735,7 +735,7 @@ fn queue_writes(s: &mut Session, n: u16, segs: u16, seed: u8) -> Vec<u64> {
 /// answers (the watchdog then kills the daemon).
 #[test]
 fn get_vring_base_racing_the_worker_never_hangs() {
-    let mut d = Daemon::start(&[]);
+    let d = Daemon::start(&[]);
     let wd = d.watchdog(Duration::from_secs(6));
     let opts = Opts {
         queue_size: 1024,
@@ -799,7 +799,7 @@ fn get_vring_base_racing_the_worker_never_hangs() {
     eprintln!("requests counted by GET_VRING_BASE right after kicking {n}: {counted:?}");
     assert_eq!(stop_ring(&mut s), total);
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }
 
 /// (7b) SIGTERM while a request is in flight and the guest keeps
@@ -814,7 +814,7 @@ fn get_vring_base_racing_the_worker_never_hangs() {
 /// mutex; `drain` blocks on that mutex and the daemon never exits.
 #[test]
 fn sigterm_while_guest_keeps_submitting_exits_zero() {
-    let mut d = Daemon::start_cow(&["--test-bitmap-delay-ms", "1000"]);
+    let d = Daemon::start_cow(&["--test-bitmap-delay-ms", "1000"]);
     let _wd = d.watchdog(Duration::from_secs(8));
     let mut s = Session::open(&d, &Opts::default());
     s.check_write(0, &pattern(61, 4096));
@@ -835,8 +835,8 @@ fn sigterm_while_guest_keeps_submitting_exits_zero() {
         "precondition: the FLUSH must still be in flight (held by --test-bitmap-delay-ms)"
     );
 
-    d.term();
-    assert!(d.wait_for_log("draining"), "{}", d.log_text());
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_for_log("draining", TIMEOUT), "{}", d.log());
     // The guest submits more I/O while the daemon drains.
     let r = s.header(VIRTIO_BLK_T_IN, 8);
     let (b, st) = (s.alloc(512), s.status_byte());
@@ -844,8 +844,8 @@ fn sigterm_while_guest_keeps_submitting_exits_zero() {
         .add_chain(&s.gm, &[Desc::r(r, 16), Desc::w(b, 512), Desc::w(st, 1)]);
     s.ring.kick(&s.gm);
 
-    let exit = d.wait_exit(Duration::from_secs(6));
-    let log = d.log_text();
+    let exit = d.wait_timeout(Duration::from_secs(6));
+    let log = d.log();
     let st_flush = s.gm.read(flush_status, 1)[0];
     assert!(
         exit.is_some_and(|e| e.success()),
@@ -861,7 +861,7 @@ fn sigterm_while_guest_keeps_submitting_exits_zero() {
 /// flush (checkpoints pushed out of reach), and back.
 #[test]
 fn wce_switched_by_set_config_moves_the_bits_of_completed_writes() {
-    let mut d = Daemon::start_cow(&[
+    let d = Daemon::start_cow(&[
         "--checkpoint-ms",
         "60000",
         "--checkpoint-extents",
@@ -904,7 +904,7 @@ fn wce_switched_by_set_config_moves_the_bits_of_completed_writes() {
     );
 
     set_wce(&mut s, false);
-    assert!(d.wait_for_log("guest switched the cache to writethrough"));
+    assert!(d.wait_for_log("guest switched the cache to writethrough", TIMEOUT));
     s.check_write(128, &pattern(2, 4096));
     assert!(
         bit_in_file(&d, 128) && bit_in_file(&d, 135),
@@ -912,7 +912,7 @@ fn wce_switched_by_set_config_moves_the_bits_of_completed_writes() {
     );
 
     set_wce(&mut s, true);
-    assert!(d.wait_for_log("guest switched the cache to writeback"));
+    assert!(d.wait_for_log("guest switched the cache to writeback", TIMEOUT));
     s.check_write(256, &pattern(3, 4096));
     assert!(
         !bit_in_file(&d, 256),
@@ -922,5 +922,5 @@ fn wce_switched_by_set_config_moves_the_bits_of_completed_writes() {
     assert!(bit_in_file(&d, 256));
     s.check_read(128, &pattern(2, 4096));
     drop(s);
-    stop_ok(&mut d);
+    stop_ok(&d);
 }

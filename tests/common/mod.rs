@@ -1,7 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the integration tests: backing images with a known
-//! pattern, the real UML tools, bitmap reading.
+//! pattern, the real UML tools, bitmap reading, a seeded random number
+//! generator, stamped sectors to check data against a model, and:
+//!
+//! - [`daemon`]: the one launcher of `vhost-user-ubd serve` (a socket in a
+//!   temporary directory, its log captured, a watchdog, killed on drop).
+//! - [`client`]: a libblkio (`blkio` crate) vhost-user-blk client with the
+//!   quirks of `docs/blkio-client.md` handled once.
+//! - [`frontend`]: a raw vhost-user frontend (`vhost` crate) with
+//!   hand-built split rings in memfd guest memory.
+//!
+//! Use it with `mod common;` in a test file. One-shot commands
+//! (`vhost-user-ubd create`, `check`, ...) run [`BINARY`].
 #![allow(dead_code)]
+
+pub mod client;
+pub mod daemon;
+pub mod frontend;
 
 use std::{
     fs::File,
@@ -10,6 +25,9 @@ use std::{
     process::Command,
     time::{Duration, SystemTime},
 };
+
+/// The daemon binary built by cargo for this package.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_vhost-user-ubd");
 
 /// The mtime every test backing file gets (2024-01-01 00:00:00 UTC).
 pub const BACKING_MTIME: u64 = 1_704_067_200;
@@ -84,20 +102,94 @@ pub fn set_sectors(bitmap: &[u8], nsect: u64) -> Vec<u64> {
         .collect()
 }
 
-/// A seeded xorshift generator: failures reproduce from the printed seed.
-pub struct Rng(pub u64);
+/// splitmix64: one well-mixed word from any `z` (seeds, stamps).
+pub fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A seeded xorshift64* generator: tiny, deterministic, good enough for
+/// choosing requests; failures reproduce from the printed seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
 
 impl Rng {
+    /// A generator for `seed` (any value, 0 included).
+    pub fn new(seed: u64) -> Self {
+        Self(splitmix(seed) | 1)
+    }
+
     /// The next 64 random bits.
     pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
     /// A number below `n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+
+    /// A number in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `p` percent.
+    pub fn pct(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+}
+
+/// Bytes per sector.
+pub const SECTOR: usize = 512;
+
+/// The content of `sector` as written by write `id`: the sector number and
+/// the id in the first 16 bytes (little endian), the rest 8-byte words of
+/// a xorshift stream seeded from both. Never all zeros (the stream never
+/// is), never the [`backing_byte`] pattern (whose bytes are all odd; byte 7,
+/// the top of the sector number, is 0) and different for every
+/// `(id, sector)`, so a read tells which write, and which sector of it,
+/// it found ([`stamp_of`]).
+pub fn stamp(id: u64, sector: u64) -> [u8; SECTOR] {
+    let mut out = [0u8; SECTOR];
+    out[..8].copy_from_slice(&sector.to_le_bytes());
+    out[8..16].copy_from_slice(&id.to_le_bytes());
+    let mut x = splitmix(sector ^ id.rotate_left(32) ^ 0x5EED_5EED) | 1;
+    for w in out[16..].chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The stamps of write `id` for the `n` sectors from `first`, one after
+/// the other (the data of one write request).
+pub fn stamps(id: u64, first: u64, n: u64) -> Vec<u8> {
+    (first..first + n).flat_map(|s| stamp(id, s)).collect()
+}
+
+/// The `(id, sector)` the first 16 bytes of `data` name, whether or not
+/// the rest matches (for failure messages about garbage).
+pub fn stamp_header(data: &[u8]) -> (u64, u64) {
+    let word = |i: usize| u64::from_le_bytes(data[i..i + 8].try_into().unwrap());
+    (word(8), word(0))
+}
+
+/// `Some((id, sector))` when `data` is exactly [`stamp`]`(id, sector)`
+/// (of any sector: compare it with the one read); `None` for anything else.
+pub fn stamp_of(data: &[u8]) -> Option<(u64, u64)> {
+    if data.len() != SECTOR {
+        return None;
+    }
+    let (id, sector) = stamp_header(data);
+    (stamp(id, sector)[..] == *data).then_some((id, sector))
 }

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Runs the real `vhost-user-ubd serve` binary for an integration test.
+//! Runs the real `vhost-user-ubd serve` binary for an integration test: the
+//! one launcher of every test that needs a serving daemon.
 //!
 //! ```ignore
 //! let dir = tempfile::tempdir().unwrap();
@@ -15,33 +16,45 @@
 //!
 //! - The socket is `DIR/NAME.sock` and the daemon's stderr (and stdout) go
 //!   to `DIR/NAME.log`; `NAME` defaults to `ubd`. Always use a fresh
-//!   temporary directory: no fixed paths, no clashes between tests.
+//!   temporary directory: no fixed paths, no clashes between tests. A
+//!   leftover socket file is removed before the start, and
+//!   [`DaemonBuilder::spawn`] returns only once the socket is in the
+//!   listening state (a frontend connecting then is not refused).
+//!   [`DaemonBuilder::append_log`] keeps the log of an earlier daemon of
+//!   the same name (a restart).
+//! - The crash journal goes to `DIR/journal` unless the arguments name one
+//!   (never the shared /dev/shm).
 //! - `RUST_LOG` is passed through from the test's environment (default
-//!   `info`); [`DaemonBuilder::rust_log`] overrides it.
+//!   `info`, see [`DaemonBuilder::default_rust_log`]);
+//!   [`DaemonBuilder::rust_log`] overrides it.
 //! - A watchdog kills the daemon with SIGKILL once [`DaemonBuilder::deadline`]
-//!   passes (default [`DEFAULT_DEADLINE`]). A frontend blocked on a hung
-//!   daemon then sees the socket close, so the test fails with a message
-//!   instead of hanging. [`Daemon::watchdog_fired`] tells afterwards.
+//!   passes (default [`DEFAULT_DEADLINE`]; none with
+//!   [`DaemonBuilder::no_deadline`]), and [`Daemon::watchdog`] arms one for
+//!   a part of a test. A frontend blocked on a hung daemon then sees the
+//!   socket close, so the test fails with a message instead of hanging.
+//!   [`Daemon::watchdog_fired`] and [`Watchdog::fired`] tell afterwards.
 //! - Dropping a [`Daemon`] that still runs kills it (SIGKILL). If the test
 //!   is panicking, the tail of the daemon's log is printed to stderr.
+//!   [`DaemonBuilder::die_with_parent`] also kills it when the test process
+//!   dies.
 
 use std::{
     ffi::{OsStr, OsString},
     fs::File,
     io::Write,
-    os::unix::fs::FileTypeExt,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        mpsc, Arc, Mutex,
     },
     time::{Duration, Instant},
 };
 
-/// The daemon binary built by cargo for this package.
-pub const BINARY: &str = env!("CARGO_BIN_EXE_vhost-user-ubd");
-/// How long [`DaemonBuilder::spawn`] waits for the socket to appear.
+use super::BINARY;
+
+/// How long [`DaemonBuilder::spawn`] waits for the socket to listen.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long [`Daemon::terminate`] waits for the exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(40);
@@ -57,7 +70,10 @@ pub struct DaemonBuilder {
     name: String,
     args: Vec<OsString>,
     rust_log: Option<String>,
-    deadline: Duration,
+    default_rust_log: String,
+    deadline: Option<Duration>,
+    append_log: bool,
+    die_with_parent: bool,
 }
 
 impl DaemonBuilder {
@@ -68,7 +84,10 @@ impl DaemonBuilder {
             name: "ubd".into(),
             args: Vec::new(),
             rust_log: None,
-            deadline: DEFAULT_DEADLINE,
+            default_rust_log: "info".into(),
+            deadline: Some(DEFAULT_DEADLINE),
+            append_log: false,
+            die_with_parent: false,
         }
     }
 
@@ -101,7 +120,7 @@ impl DaemonBuilder {
 
     /// `--queue-size N`: the largest virtqueue size accepted. It also sets
     /// the advertised seg_max (N - 2, at most 1022); libblkio clients need
-    /// N <= 512, see `MAX_DAEMON_QUEUE_SIZE` in `support/client.rs`.
+    /// N <= 512, see `MAX_DAEMON_QUEUE_SIZE` in `common/client.rs`.
     pub fn queue_size(self, n: u32) -> Self {
         self.arg("--queue-size").arg(n.to_string())
     }
@@ -123,31 +142,65 @@ impl DaemonBuilder {
         self
     }
 
-    /// `RUST_LOG` for the daemon (e.g. `"debug"`).
+    /// `RUST_LOG` for the daemon (e.g. `"debug"`), whatever the test's
+    /// environment says.
     pub fn rust_log(mut self, filter: &str) -> Self {
         self.rust_log = Some(filter.into());
         self
     }
 
-    /// Kill the daemon (SIGKILL) this long after it was started.
-    pub fn deadline(mut self, d: Duration) -> Self {
-        self.deadline = d;
+    /// `RUST_LOG` for the daemon when the test's environment has none.
+    pub fn default_rust_log(mut self, filter: &str) -> Self {
+        self.default_rust_log = filter.into();
         self
     }
 
-    /// Starts the daemon and waits until its socket exists; panics (with
-    /// the log) if it exits first or the socket does not appear in time.
+    /// Kill the daemon (SIGKILL) this long after it was started.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// No lifetime watchdog (for runs whose length the test bounds some
+    /// other way, such as a guest boot with its own timeout).
+    pub fn no_deadline(mut self) -> Self {
+        self.deadline = None;
+        self
+    }
+
+    /// Append to the log instead of starting it afresh (a daemon restarted
+    /// under the same name keeps the earlier daemons' lines).
+    pub fn append_log(mut self) -> Self {
+        self.append_log = true;
+        self
+    }
+
+    /// SIGKILL the daemon when the thread that spawned it dies (see
+    /// [`die_with_parent`]), so an interrupted test leaves nothing behind.
+    pub fn die_with_parent(mut self) -> Self {
+        self.die_with_parent = true;
+        self
+    }
+
+    /// Starts the daemon and waits until its socket listens; panics (with
+    /// the log) if it exits first or the socket does not listen in time.
     pub fn spawn(self) -> Daemon {
         let socket = self.dir.join(format!("{}.sock", self.name));
         let log = self.dir.join(format!("{}.log", self.name));
         let _ = std::fs::remove_file(&socket);
-        let out = File::create(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        let out = File::options()
+            .create(true)
+            .write(true)
+            .append(self.append_log)
+            .truncate(!self.append_log)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
         let err = out.try_clone().expect("dup log file");
         let rust_log = self
             .rust_log
             .clone()
             .or_else(|| std::env::var("RUST_LOG").ok())
-            .unwrap_or_else(|| "info".into());
+            .unwrap_or_else(|| self.default_rust_log.clone());
         let mut cmd = Command::new(BINARY);
         cmd.arg("serve")
             .arg("--socket")
@@ -164,16 +217,18 @@ impl DaemonBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
+        if self.die_with_parent {
+            die_with_parent(&mut cmd, libc::SIGKILL);
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {BINARY}: {e}"));
         let pid = child.id();
         let state = Arc::new(Mutex::new(Some(child)));
-        let fired = Arc::new(AtomicBool::new(false));
-        spawn_watchdog(&state, &fired, self.deadline, pid);
-        let mut d = Daemon {
+        let deadline = self.deadline.map(|d| arm(&state, pid, d));
+        let d = Daemon {
             state,
-            fired,
+            deadline,
             pid,
             socket,
             log,
@@ -184,45 +239,93 @@ impl DaemonBuilder {
     }
 }
 
-/// Kills the child once `deadline` passes, unless it has been reaped.
-/// The child is only signalled while the lock is held and the child is not
-/// reaped, so the pid cannot have been reused by another process.
-fn spawn_watchdog(
-    state: &Arc<Mutex<Option<Child>>>,
-    fired: &Arc<AtomicBool>,
-    deadline: Duration,
-    pid: u32,
-) {
+/// Makes `cmd`'s process get `signal` if the thread that spawned it dies,
+/// so a panicking or interrupted test leaves nothing behind.
+pub fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2),
+    // which is async-signal-safe, and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let sig = libc::c_ulong::try_from(signal).unwrap_or(9);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether a unix socket bound to `path` is in the listening state
+/// (`/proc/net/unix`: flag `__SO_ACCEPTCON` = 0x10000). Does not connect,
+/// so the daemon sees no spurious frontend.
+pub fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.as_os_str();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && OsStr::new(f[7]) == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|fl| fl & 0x1_0000 != 0)
+    })
+}
+
+/// A watchdog: kills the daemon (SIGKILL) when its time is up, unless it
+/// was dropped first. See [`Daemon::watchdog`].
+#[derive(Debug)]
+pub struct Watchdog {
+    /// Dropping it disconnects the watchdog thread's receiver: disarmed.
+    _disarm: mpsc::Sender<()>,
+    fired: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    /// Whether it killed the daemon.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+/// Kills the child once `limit` passes, unless the returned guard was
+/// dropped or the child reaped first. The child is only signalled while
+/// the lock is held and the child is not reaped, so the pid cannot have
+/// been reused by another process.
+fn arm(state: &Arc<Mutex<Option<Child>>>, pid: u32, limit: Duration) -> Watchdog {
+    let (tx, rx) = mpsc::channel::<()>();
+    let fired = Arc::new(AtomicBool::new(false));
     let weak = Arc::downgrade(state);
-    let fired = fired.clone();
-    let end = Instant::now() + deadline;
+    let f = fired.clone();
+    let end = Instant::now() + limit;
     std::thread::Builder::new()
         .name(format!("watchdog-{pid}"))
         .spawn(move || loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let wait = left.min(Duration::from_millis(100));
+            if rx.recv_timeout(wait) != Err(mpsc::RecvTimeoutError::Timeout) {
+                return; // disarmed
+            }
             let Some(state) = weak.upgrade() else {
                 return;
             };
-            {
-                let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(child) = guard.as_mut() else {
-                    return;
-                };
-                if Instant::now() >= end {
-                    if matches!(child.try_wait(), Ok(None)) {
-                        fired.store(true, Ordering::SeqCst);
-                        let _ = writeln!(
-                            std::io::stderr(),
-                            "watchdog: vhost-user-ubd (pid {pid}) still running after {deadline:?}: SIGKILL"
-                        );
-                        let _ = child.kill();
-                    }
-                    return;
+            let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(child) = guard.as_mut() else {
+                return;
+            };
+            if Instant::now() >= end {
+                if matches!(child.try_wait(), Ok(None)) {
+                    f.store(true, Ordering::SeqCst);
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "watchdog: vhost-user-ubd (pid {pid}) still running after {limit:?}: SIGKILL"
+                    );
+                    let _ = child.kill();
                 }
+                return;
             }
-            drop(state);
-            std::thread::sleep(Duration::from_millis(100));
         })
         .expect("spawn watchdog thread");
+    Watchdog { _disarm: tx, fired }
 }
 
 /// A running (or exited) daemon.
@@ -230,7 +333,8 @@ fn spawn_watchdog(
 pub struct Daemon {
     /// `None` once the child has been reaped.
     state: Arc<Mutex<Option<Child>>>,
-    fired: Arc<AtomicBool>,
+    /// The lifetime watchdog ([`DaemonBuilder::deadline`]).
+    deadline: Option<Watchdog>,
     pid: u32,
     socket: PathBuf,
     log: PathBuf,
@@ -260,14 +364,27 @@ impl Daemon {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// How many lines of the log contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// True when the watchdog had to kill the daemon.
+    /// True when the lifetime watchdog had to kill the daemon.
     pub fn watchdog_fired(&self) -> bool {
-        self.fired.load(Ordering::SeqCst)
+        self.deadline.as_ref().is_some_and(Watchdog::fired)
+    }
+
+    /// Kills the daemon (SIGKILL) unless the returned guard is dropped
+    /// within `limit`: turns a hung daemon into failing frontend calls
+    /// instead of a hung test (the vhost crate retries timed-out socket
+    /// reads forever, so socket timeouts do not help).
+    pub fn watchdog(&self, limit: Duration) -> Watchdog {
+        arm(&self.state, self.pid, limit)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
@@ -300,6 +417,24 @@ impl Daemon {
                 self.log_tail(LOG_TAIL_LINES)
             );
         }
+    }
+
+    /// CPU time (user + system, all threads) the running daemon used so
+    /// far.
+    pub fn cpu_time(&self) -> Duration {
+        self.assert_running();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).expect("stat");
+        // Fields after the command name (which is in parentheses).
+        let rest = stat.rsplit(')').next().unwrap_or_default();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis((f.iter().sum::<u64>()) * 1000 / hz)
     }
 
     /// Waits until `needle` appears in the log (true) or `timeout` passes
@@ -346,14 +481,20 @@ impl Daemon {
     /// SIGTERM, then waits for the exit (up to [`STOP_TIMEOUT`]; after
     /// that: SIGKILL and a panic with the log tail). Returns the status.
     pub fn terminate(&self) -> ExitStatus {
+        self.terminate_within(STOP_TIMEOUT)
+    }
+
+    /// [`Daemon::terminate`] with the exit due within `timeout`.
+    pub fn terminate_within(&self, timeout: Duration) -> ExitStatus {
         self.signal(libc::SIGTERM);
-        match self.wait_timeout(STOP_TIMEOUT) {
+        match self.wait_timeout(timeout) {
             Some(st) => st,
             None => {
                 self.signal(libc::SIGKILL);
                 let _ = self.wait_timeout(Duration::from_secs(5));
                 panic!(
-                    "vhost-user-ubd did not exit within {STOP_TIMEOUT:?} of SIGTERM; log tail:\n{}",
+                    "vhost-user-ubd (pid {}) did not exit within {timeout:?} of SIGTERM; log tail:\n{}",
+                    self.pid,
                     self.log_tail(LOG_TAIL_LINES)
                 );
             }
@@ -367,12 +508,10 @@ impl Daemon {
             .expect("a SIGKILLed process exits")
     }
 
-    fn wait_for_socket(&mut self) {
+    fn wait_for_socket(&self) {
         let end = Instant::now() + START_TIMEOUT;
         loop {
-            let listening =
-                std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket());
-            if listening {
+            if listening(&self.socket) {
                 return;
             }
             if let Some(st) = self.try_status() {
@@ -384,7 +523,7 @@ impl Daemon {
             }
             if Instant::now() >= end {
                 panic!(
-                    "{}: no socket after {START_TIMEOUT:?}; log:\n{}",
+                    "{}: not listening after {START_TIMEOUT:?}; log:\n{}",
                     self.command,
                     self.log()
                 );

@@ -1,21 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Helpers for `tests/vhost_frontend.rs`: start the real daemon on a
-//! tempdir socket, build memfd "guest memory", hand-build split rings in it
-//! and push virtio-blk requests through them with `vhost`'s `Frontend`.
-#![allow(dead_code)]
+//! Helpers for `tests/vhost_frontend.rs` and `tests/hostile_frontend.rs`:
+//! start the real daemon (the common launcher) on a fresh disk, build memfd
+//! "guest memory", hand-build split rings in it and push virtio-blk
+//! requests through them with `vhost`'s `Frontend`.
 
 pub mod ring;
 
 use std::{
-    ffi::OsString,
     fs::File,
+    ops::Deref,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc, Arc, Mutex, PoisonError,
-    },
+    process::ExitStatus,
     thread,
     time::{Duration, Instant},
 };
@@ -29,6 +25,8 @@ use vhost::{
 };
 
 pub use ring::{Desc, GuestMem, Ring, Used};
+
+use super::daemon::{self, DaemonBuilder};
 
 /// Sectors of the test disk (1 MiB).
 pub const DISK_SECTORS: u64 = 2048;
@@ -51,33 +49,35 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The daemon binary, running on a socket in its own tempdir.
+/// The daemon binary (the common launcher) serving a fresh 1 MiB disk in
+/// its own tempdir; everything of [`daemon::Daemon`] through `Deref`.
 #[derive(Debug)]
 pub struct Daemon {
-    child: Option<Child>,
-    /// The pid while it is safe to signal (not yet reaped); watchdogs
-    /// signal only under this lock, reaping happens only under it.
-    pid: Arc<Mutex<Option<libc::pid_t>>>,
-    dir: tempfile::TempDir,
-    /// The vhost-user socket.
-    pub socket: PathBuf,
-    /// The raw disk image served.
+    /// Declared first: killed before the tempdir goes.
+    daemon: daemon::Daemon,
+    /// The disk image served (the COW for [`Daemon::start_cow`]).
     pub disk: PathBuf,
-    /// The daemon's stderr.
-    pub log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Deref for Daemon {
+    type Target = daemon::Daemon;
+
+    fn deref(&self) -> &daemon::Daemon {
+        &self.daemon
+    }
 }
 
 impl Daemon {
     /// Starts `vhost-user-ubd serve --socket S --raw DISK EXTRA...` on a
     /// fresh 1 MiB disk filled with [`disk_byte`]; returns once the socket
-    /// exists.
+    /// listens.
     pub fn start(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let disk = dir.path().join("disk.raw");
-        let data: Vec<u8> = (0..DISK_BYTES).map(disk_byte).collect();
-        std::fs::write(&disk, data).expect("write disk image");
-        let args = vec!["--raw".into(), disk.clone().into_os_string()];
-        Self::spawn(dir, disk, &args, extra)
+        write_initial(&disk);
+        let b = DaemonBuilder::new(dir.path()).raw(&disk);
+        Self::spawn(dir, disk, b, extra)
     }
 
     /// Like [`Daemon::start`], but serving a UML COW file created over a
@@ -85,197 +85,34 @@ impl Daemon {
     pub fn start_cow(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let backing = dir.path().join("backing.img");
-        let data: Vec<u8> = (0..DISK_BYTES).map(disk_byte).collect();
-        std::fs::write(&backing, data).expect("write backing image");
+        write_initial(&backing);
         let cow = dir.path().join("disk.cow");
-        let args = vec![
-            "--cow".into(),
-            cow.clone().into_os_string(),
-            "--backing".into(),
-            backing.into_os_string(),
-        ];
-        Self::spawn(dir, cow, &args, extra)
+        let b = DaemonBuilder::new(dir.path()).cow(&cow, Some(&backing));
+        Self::spawn(dir, cow, b, extra)
     }
 
-    fn spawn(dir: tempfile::TempDir, disk: PathBuf, args: &[OsString], extra: &[&str]) -> Self {
-        let socket = dir.path().join("vhost.sock");
-        let log = dir.path().join("daemon.log");
-        let stderr = File::create(&log).expect("create log");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-ubd"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .args(extra)
-            // The test's own directory, never the shared /dev/shm.
-            .arg("--crash-journal")
-            .arg(dir.path())
-            .env(
-                "RUST_LOG",
-                std::env::var("VUB_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn vhost-user-ubd");
-        let pid = libc::pid_t::try_from(child.id()).expect("pid");
-        let mut d = Self {
-            child: Some(child),
-            pid: Arc::new(Mutex::new(Some(pid))),
-            dir,
-            socket,
-            disk,
-            log,
-        };
-        let deadline = Instant::now() + TIMEOUT;
-        while !d.socket.exists() {
-            if let Some(st) = d.try_reap() {
-                panic!("daemon exited ({st}) before listening:\n{}", d.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create its socket:\n{}",
-                d.log_text()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-        d
-    }
-
-    /// Kills the daemon (SIGKILL) unless the returned guard is dropped
-    /// within `limit`: turns a hung daemon into failing frontend calls
-    /// instead of a hung test (the vhost crate retries timed-out socket
-    /// reads forever, so socket timeouts do not help).
-    pub fn watchdog(&self, limit: Duration) -> Watchdog {
-        let (tx, rx) = mpsc::channel::<()>();
-        let fired = Arc::new(AtomicBool::new(false));
-        let f = fired.clone();
-        let log = self.log.clone();
-        let pid = self.pid.clone();
-        thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                let pid = pid.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(pid) = *pid {
-                    f.store(true, Ordering::SeqCst);
-                    eprintln!(
-                        "watchdog: the daemon did not finish within {limit:?}; killing it. Log:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                    // SAFETY: kill(2) on our child; the pid lock is held and
-                    // the child is not reaped yet, so the pid is still ours.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        });
-        Watchdog { _tx: tx, fired }
-    }
-
-    /// The daemon's pid (while it runs).
-    pub fn pid(&self) -> Option<libc::pid_t> {
-        *self.pid.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// CPU time (user + system, all threads) the daemon used so far.
-    pub fn cpu_time(&self) -> Duration {
-        let pid = self.pid().expect("daemon running");
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-        // Fields after the command name (which is in parentheses).
-        let rest = stat.rsplit(')').next().unwrap_or_default();
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_millis((f.iter().sum::<u64>()) * 1000 / hz)
-    }
-
-    /// Sends SIGTERM.
-    pub fn term(&self) {
-        let pid = self.pid.lock().unwrap_or_else(PoisonError::into_inner);
-        let pid = pid.expect("daemon already reaped");
-        // SAFETY: kill(2) on our child, not reaped (pid lock held).
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    /// Waits up to `limit` for the daemon to exit.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.try_reap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// `try_wait`, under the pid lock.
-    fn try_reap(&mut self) -> Option<ExitStatus> {
-        let mut pid = self.pid.lock().unwrap_or_else(PoisonError::into_inner);
-        let st = self
-            .child
-            .as_mut()
-            .expect("no child")
-            .try_wait()
-            .expect("try_wait");
-        if st.is_some() {
-            *pid = None;
-        }
-        st
-    }
-
-    /// The daemon's stderr so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the daemon's stderr contains `needle`.
-    pub fn wait_for_log(&self, needle: &str) -> bool {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if self.log_text().contains(needle) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Counts the lines of the daemon's stderr that contain `needle`.
-    pub fn log_count(&self, needle: &str) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
+    /// The daemon logs with `VUB_TEST_LOG` (default `info`), not the test's
+    /// `RUST_LOG`: the tests wait for its info lines. No lifetime deadline:
+    /// the tests arm [`daemon::Daemon::watchdog`] where a hang is possible.
+    fn spawn(dir: tempfile::TempDir, disk: PathBuf, b: DaemonBuilder, extra: &[&str]) -> Self {
+        let log = std::env::var("VUB_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let daemon = b.args(extra).rust_log(&log).no_deadline().spawn();
+        Self { daemon, disk, dir }
     }
 
     /// Connects a frontend that believes the device has `queues` queues.
     pub fn connect(&self, queues: u64) -> Frontend {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            match Frontend::connect(&self.socket, queues) {
+            match Frontend::connect(self.socket(), queues) {
                 Ok(f) => return f,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("connect: {e}; retrying");
                     thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => panic!("cannot connect to the daemon: {e}\n{}", self.log_text()),
+                Err(e) => panic!("cannot connect to the daemon: {e}\n{}", self.log()),
             }
         }
-    }
-
-    /// Whether the daemon is still running.
-    pub fn running(&mut self) -> bool {
-        self.try_reap().is_none()
     }
 
     /// Reads `len` bytes of the disk image at `offset` (what the daemon
@@ -287,17 +124,11 @@ impl Daemon {
         buf
     }
 
-    /// Sends SIGTERM and waits for the exit; returns the status and the
-    /// log. The tempdir (disk image, log) stays until `self` is dropped.
-    pub fn stop(&mut self) -> (ExitStatus, String) {
-        self.term();
-        match self.wait_exit(TIMEOUT) {
-            Some(st) => (st, self.log_text()),
-            None => panic!(
-                "daemon did not exit within {TIMEOUT:?} of SIGTERM:\n{}",
-                self.log_text()
-            ),
-        }
+    /// Sends SIGTERM and waits for the exit (due within [`TIMEOUT`]);
+    /// returns the status and the log. The tempdir (disk image, log)
+    /// stays until `self` is dropped.
+    pub fn stop(&self) -> (ExitStatus, String) {
+        (self.terminate_within(TIMEOUT), self.log())
     }
 
     /// The tempdir (for extra files).
@@ -306,33 +137,10 @@ impl Daemon {
     }
 }
 
-/// See [`Daemon::watchdog`].
-#[derive(Debug)]
-pub struct Watchdog {
-    _tx: mpsc::Sender<()>,
-    fired: Arc<AtomicBool>,
-}
-
-impl Watchdog {
-    /// Whether it killed the daemon.
-    pub fn fired(&self) -> bool {
-        self.fired.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let mut pid = self.pid.lock().unwrap_or_else(PoisonError::into_inner);
-            let _ = c.kill();
-            let _ = c.wait();
-            *pid = None;
-            drop(pid);
-            if thread::panicking() {
-                eprintln!("--- daemon log ---\n{}--- end ---", self.log_text());
-            }
-        }
-    }
+/// Writes a [`DISK_BYTES`] image with the [`disk_byte`] content.
+fn write_initial(path: &Path) {
+    let data: Vec<u8> = (0..DISK_BYTES).map(disk_byte).collect();
+    std::fs::write(path, data).expect("write disk image");
 }
 
 /// How the frontend hands its memory to the daemon.
