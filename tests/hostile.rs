@@ -426,3 +426,76 @@ fn a_live_socket_is_never_taken_over() {
     drop(c);
     assert_eq!(d2.terminate().code(), Some(0));
 }
+
+/// Socket activation (`--fd`): an inherited listening socket is adopted
+/// and served (a frontend connects, reads and writes through it), and a
+/// descriptor that is not a listening socket is refused with a message
+/// that names it.
+#[test]
+fn an_inherited_listening_socket_is_served_and_anything_else_refused() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: clears FD_CLOEXEC on our own descriptor so the child inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let log = dir.path().join("fd.log");
+    let mut child = Command::new(BINARY)
+        .args(["serve", "--fd", &fd.to_string(), "--raw"])
+        .arg(&image)
+        .arg("--crash-journal")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    let served = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !served().contains("waiting for a vhost-user frontend") {
+        assert!(Instant::now() < deadline, "not serving:\n{}", served());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        served().contains(&format!("on inherited fd {fd}")),
+        "{}",
+        served()
+    );
+    let mut c = Client::connect(
+        &sock,
+        &ClientConfig {
+            num_queues: 1,
+            read_only: false,
+            mem_len: 4 << 20,
+        },
+    )
+    .unwrap();
+    let mem = c.mem;
+    let data = pattern(0x21, 4096);
+    assert_eq!(client::write_at(c.q(0), mem, 0, 8 * 512, &data), 0);
+    assert_eq!(
+        client::read_at(c.q(0), mem, 0, 8 * 512, 4096).unwrap(),
+        data
+    );
+    drop(c);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}\n{}", served());
+
+    let out = Command::new(BINARY)
+        .args(["serve", "--fd", "0", "--raw"])
+        .arg(&image)
+        .stdin(std::fs::File::open(&image).unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--fd 0 is not a listening UNIX socket"),
+        "{err}"
+    );
+}

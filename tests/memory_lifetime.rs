@@ -17,18 +17,18 @@
 //! giving up at its first report, the next frontend is served after about
 //! 100 ms, before the held write landed, and the first check fails.
 
-mod frontend_support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use frontend_support::{pattern, Daemon, Desc, Opts, Session};
+use common::frontend::{pattern, Daemon, Desc, Opts, Session, TIMEOUT};
 
 #[test]
 fn a_write_held_across_a_disconnect_lands_from_memory_that_stays_mapped() {
     // This file's only test: the hooks reach only this test's daemon.
     std::env::set_var("VHOST_USER_UBD_TEST_HOLD_WRITES", "1:1500");
     std::env::set_var("VHOST_USER_UBD_TEST_DRAIN_REPORT_MS", "100");
-    let mut d = Daemon::start(&[]);
+    let d = Daemon::start(&[]);
     let _wd = d.watchdog(Duration::from_secs(60));
     let old = pattern(7, 4096);
     let new = pattern(9, 4096);
@@ -42,9 +42,9 @@ fn a_write_held_across_a_disconnect_lands_from_memory_that_stays_mapped() {
             .add_chain(&s.gm, &[Desc::r(h, 16), Desc::r(buf, 4096), Desc::w(st, 1)]);
         s.ring.kick(&s.gm);
         assert!(
-            d.wait_for_log("test hook: the first 1 writes are held"),
+            d.wait_for_log("test hook: the first 1 writes are held", TIMEOUT),
             "{}",
-            d.log_text()
+            d.log()
         );
         std::thread::sleep(Duration::from_millis(200));
         // Disconnect; the session's guest memory is unmapped and its memfds
@@ -68,7 +68,7 @@ fn a_write_held_across_a_disconnect_lands_from_memory_that_stays_mapped() {
     s.check_write(16, &new);
     s.check_read(16, &new);
     drop(s);
-    let log = d.log_text();
+    let log = d.log();
     assert!(
         log.contains("still in flight after"),
         "the drain did not report the held write:\n{log}"
