@@ -36,7 +36,9 @@ pub fn byte_range(sectors: Range<u64>) -> Range<u64> {
     if sectors.start >= sectors.end {
         return 0..0;
     }
-    byte_of(sectors.start)..byte_of(sectors.end - 1) + 1
+    // `end > start >= 0`: `end - 1` does not wrap, and a byte index of a
+    // u64 sector is at most u64::MAX / 8.
+    byte_of(sectors.start)..byte_of(sectors.end.saturating_sub(1)).saturating_add(1)
 }
 
 /// The bitmap of a COW device, authoritative while the daemon runs.
@@ -106,16 +108,17 @@ impl Bitmap {
                 return false;
             };
             let v = b.load(Ordering::Acquire);
-            if s % 8 == 0 && sectors.end - s >= 8 {
+            // `s < end <= nsect`: the steps below stay at or under `end`.
+            if s % 8 == 0 && sectors.end.saturating_sub(s) >= 8 {
                 if v != 0xff {
                     return false;
                 }
-                s += 8;
+                s = s.saturating_add(8);
             } else {
                 if v & mask_of(s) == 0 {
                     return false;
                 }
-                s += 1;
+                s = s.saturating_add(1);
             }
         }
         true
@@ -131,19 +134,21 @@ impl Bitmap {
             let Some(b) = self.byte(byte_of(s)) else {
                 break;
             };
-            let (mask, step) = if s % 8 == 0 && end - s >= 8 {
+            // `s < end`: `left >= 1`, and a step never passes `end`.
+            let left = end.saturating_sub(s);
+            let (mask, step) = if s % 8 == 0 && left >= 8 {
                 (0xffu8, 8)
             } else {
                 let first = s % 8;
-                let last = ((end - s).min(8 - first)) + first;
+                let n = left.min(8u64.saturating_sub(first));
                 let mut m = 0u8;
-                for bit in first..last {
+                for bit in first..first.saturating_add(n) {
                     m |= 1 << bit;
                 }
-                (m, last - first)
+                (m, n)
             };
             changed |= b.fetch_or(mask, Ordering::AcqRel) & mask != mask;
-            s += step;
+            s = s.saturating_add(step);
         }
         changed
     }
@@ -163,9 +168,10 @@ impl Bitmap {
             let first = i.saturating_mul(8);
             if first.saturating_add(8) > self.nsect {
                 let valid = self.nsect.saturating_sub(first);
-                v &= ((1u16 << valid) - 1) as u8;
+                // `valid < 8` here.
+                v &= ((1u16 << valid).saturating_sub(1)) as u8;
             }
-            n += u64::from(v.count_ones());
+            n = n.saturating_add(u64::from(v.count_ones()));
         }
         n
     }
@@ -197,17 +203,24 @@ impl Bitmap {
         let mut s = sectors.start;
         while s < sectors.end {
             let v = self.test(s);
+            let next = s.saturating_add(1);
             match out.last_mut() {
-                Some(last) if last.2 == v => last.1 = s + 1,
-                _ => out.push((s, s + 1, v)),
+                Some(last) if last.2 == v => last.1 = next,
+                _ => out.push((s, next, v)),
             }
-            s += 1;
+            s = next;
         }
         out
     }
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -263,7 +263,7 @@ pub fn create_cow(path: &Path, backing: &Path, alignment: u32) -> Result<CowHead
         .map_err(create)?;
     let result = (|| {
         file.write_all_at(&bytes, 0)?;
-        file.write_all_at(&[0], geometry.initial_file_len() - 1)?;
+        file.write_all_at(&[0], geometry.initial_file_len().saturating_sub(1))?;
         file.sync_all()
     })();
     if let Err(e) = result {
@@ -398,7 +398,7 @@ pub fn read_header_bytes(file: &File) -> io::Result<Vec<u8>> {
         if n == 0 {
             break;
         }
-        got += n;
+        got = got.saturating_add(n);
     }
     buf.truncate(got);
     Ok(buf)
@@ -597,11 +597,11 @@ pub fn load_bitmap(file: &File, path: &Path, g: &Geometry) -> Result<(Bitmap, u6
     // Bytes past the device hold no sectors (unread bytes are zero).
     let full = usize::try_from(g.nsect / 8).unwrap_or(usize::MAX);
     let partial = bytes.get(full).map_or(0, |&b| {
-        let keep = (1u16 << (g.nsect % 8)) - 1;
+        let keep = (1u16 << (g.nsect % 8)).saturating_sub(1);
         u64::from((u16::from(b) & !keep).count_ones())
     });
     let beyond = bytes.get(full.saturating_add(1)..).map_or(0, count_ones);
-    let bits = counted.saturating_sub(partial + beyond);
+    let bits = counted.saturating_sub(partial.saturating_add(beyond));
     Ok((Bitmap::from_bytes(bytes, g.nsect), bits))
 }
 
@@ -620,7 +620,7 @@ fn count_ones(bytes: &[u8]) -> u64 {
             u64::from(u64::from_ne_bytes(a).count_ones())
         })
         .sum::<u64>()
-        + tail
+        .saturating_add(tail)
 }
 
 /// Fills `buf` from `file` at `offset`, reading only the ranges that hold
@@ -651,9 +651,9 @@ pub fn read_data_regions(
             .flatten()
             .filter(|&h| h > data)
             .map_or(end, |h| h.min(end));
-        let (Ok(from), Ok(to)) = (
-            usize::try_from(data - offset),
-            usize::try_from(hole - offset),
+        let (Some(Ok(from)), Some(Ok(to))) = (
+            data.checked_sub(offset).map(usize::try_from),
+            hole.checked_sub(offset).map(usize::try_from),
         ) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bitmap range"));
         };
@@ -750,6 +750,12 @@ pub fn inspect(path: &Path, backing_override: Option<&Path>) -> Result<CowReport
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -228,7 +228,7 @@ fn round_up(x: u64, align: u64) -> Option<u64> {
     if align == 0 {
         return None;
     }
-    x.checked_add(align - 1).map(|v| v / align * align)
+    x.checked_next_multiple_of(align)
 }
 
 impl CowHeader {
@@ -361,7 +361,10 @@ impl CowHeader {
             // The V1/V2 "rounding bug": floor((size + ss - 1) / (8 * ss)).
             CowVersion::V1 | CowVersion::V2 => (
                 self.version.header_len() as u64,
-                self.size.checked_add(ss - 1).ok_or(overflow)? / (8 * ss),
+                self.size
+                    .checked_add(ss.saturating_sub(1))
+                    .and_then(|v| v.checked_div(ss.checked_mul(8)?))
+                    .ok_or(overflow)?,
                 ss,
             ),
         };
@@ -433,6 +436,12 @@ impl CowHeader {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

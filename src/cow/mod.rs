@@ -5,6 +5,12 @@
 //! holds the in-memory bitmap and its bit math, `file` creates, opens,
 //! checks and locks COW files. Nothing here knows about virtio, and nothing
 //! here decides when bits reach the disk: that is `crate::disk`.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 pub mod bitmap;
 pub mod file;

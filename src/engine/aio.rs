@@ -175,7 +175,8 @@ impl Aio {
                 unsafe { std::ptr::read_volatile(ring.add(1).cast::<IoEvent>().add(h as usize)) };
             out.push((ev.data, ev.res));
             self.in_flight = self.in_flight.saturating_sub(1);
-            h = (h + 1) % nr;
+            // `h < nr`: no overflow; the ring index wraps at `nr`.
+            h = h.saturating_add(1).checked_rem(nr).unwrap_or(0);
         }
         if h != head {
             // SAFETY: as above; publishing `head` frees the slots read,
@@ -218,8 +219,8 @@ impl Aio {
             };
             if rc > 0 {
                 let n = usize::try_from(rc).unwrap_or(0);
-                done += n;
-                self.in_flight += n;
+                done = done.saturating_add(n);
+                self.in_flight = self.in_flight.saturating_add(n);
                 SUBMITTED.fetch_add(n as u64, Ordering::Relaxed);
                 continue;
             }
@@ -234,7 +235,7 @@ impl Aio {
                 // SAFETY: valid pointer (contract of `push`).
                 refused.push((unsafe { (*p).data }, errno));
             }
-            done += 1;
+            done = done.saturating_add(1);
         }
         self.pending.clear();
         refused
@@ -291,6 +292,12 @@ impl Drop for Aio {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 pub(crate) mod tests {
     use super::*;
     use std::os::fd::AsRawFd;

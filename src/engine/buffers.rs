@@ -51,7 +51,10 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (rounded up to the alignment).
     pub fn new(len: usize) -> io::Result<Self> {
-        let size = len.max(1).div_ceil(BOUNCE_ALIGN) * BOUNCE_ALIGN;
+        let size = len
+            .max(1)
+            .checked_next_multiple_of(BOUNCE_ALIGN)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         let layout = Layout::from_size_align(size, BOUNCE_ALIGN)
             .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: the layout has a non-zero size.
@@ -181,7 +184,7 @@ impl IoVecs {
                 iov_base: buf.as_mut_ptr().cast(),
                 iov_len: usize::try_from(n).unwrap_or(ZERO_CHUNK),
             });
-            left -= n;
+            left = left.saturating_sub(n);
         }
         // The zero buffer is static: no owner needed, and nobody writes it.
         Ok(Self {
@@ -220,10 +223,12 @@ impl IoVecs {
             pos = ve;
             let (s, e) = (vs.max(from), ve.min(end));
             if s < e {
+                // `vs <= s < e <= ve`: both differences fit the segment.
+                let (skip, len) = (s.saturating_sub(vs) as usize, e.saturating_sub(s) as usize);
                 out.push(libc::iovec {
-                    // SAFETY: `s - vs < iov_len`: stays inside this buffer.
-                    iov_base: unsafe { v.iov_base.cast::<u8>().add((s - vs) as usize) }.cast(),
-                    iov_len: (e - s) as usize,
+                    // SAFETY: `skip < iov_len`: stays inside this buffer.
+                    iov_base: unsafe { v.iov_base.cast::<u8>().add(skip) }.cast(),
+                    iov_len: len,
                 });
             }
             if pos >= end {
@@ -306,6 +311,12 @@ impl AtomicBytes {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

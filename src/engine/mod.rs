@@ -2,6 +2,12 @@
 //! I/O engines. One [`uring::Engine`] per queue worker (and one for the
 //! COW durability thread); nothing here knows about COW or virtio.
 //! [`buffers`] holds what keeps memory handed to the kernel alive.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 pub mod aio;
 pub mod buffers;

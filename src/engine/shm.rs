@@ -99,12 +99,18 @@ impl Drop for SharedWords {
         // SAFETY: unmaps exactly the mapping made in `map`; no reference
         // into it outlives `self` (`words` borrows `self`).
         unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.words * 8);
+            libc::munmap(self.ptr.as_ptr().cast(), self.words.saturating_mul(8));
         }
     }
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;

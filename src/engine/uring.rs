@@ -140,7 +140,7 @@ fn iov_total(iov: &[libc::iovec]) -> usize {
 }
 
 fn aligned(iov: &[libc::iovec], offset: u64) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0
+    offset.checked_rem(DIRECT_ALIGN as u64) == Some(0)
         && iov
             .iter()
             .all(|v| (v.iov_base as usize) % DIRECT_ALIGN == 0 && v.iov_len % DIRECT_ALIGN == 0)
@@ -163,7 +163,7 @@ unsafe fn copy_iov(buf: *mut u8, iov: &[libc::iovec], to_iov: bool) {
                 std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), b, v.iov_len);
             }
         }
-        off += v.iov_len;
+        off = off.saturating_add(v.iov_len);
     }
 }
 
@@ -212,7 +212,11 @@ impl IoOp {
             }
             op.iov = vec![libc::iovec {
                 iov_base: buf.as_mut_ptr().cast(),
-                iov_len: total.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN,
+                // Within the buffer, which `AlignedBuf::new` rounded up to
+                // a multiple of a larger alignment.
+                iov_len: total
+                    .checked_next_multiple_of(DIRECT_ALIGN)
+                    .unwrap_or(buf.capacity()),
             }];
             op.bounce = Some(buf);
         }
@@ -247,7 +251,7 @@ impl IoOp {
     fn head_bytes(&self, n: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(n);
         for v in &self.iov {
-            let take = v.iov_len.min(n - out.len());
+            let take = v.iov_len.min(n.saturating_sub(out.len()));
             // SAFETY: the iovecs are valid for reads until completion (held
             // by `self.mem` or `self.bounce`); we read `take <= iov_len` bytes.
             let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), take) };
@@ -285,19 +289,19 @@ impl IoOp {
 
     /// Drops the first `n` bytes of the kernel-side iovecs.
     fn advance(&mut self, mut n: usize) {
-        self.done += n;
-        let mut drop_count = 0;
+        self.done = self.done.saturating_add(n);
+        let mut drop_count = 0usize;
         for v in &mut self.iov {
             if n == 0 {
                 break;
             }
             if n >= v.iov_len {
-                n -= v.iov_len;
-                drop_count += 1;
+                n = n.saturating_sub(v.iov_len); // `n >= iov_len`
+                drop_count = drop_count.saturating_add(1); // at most `iov.len()`
             } else {
                 // SAFETY: stays inside the same buffer (n < iov_len).
                 v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                v.iov_len -= n;
+                v.iov_len = v.iov_len.saturating_sub(n); // `n < iov_len`
                 n = 0;
             }
         }
@@ -414,7 +418,7 @@ impl Engine {
             // SAFETY: the SQE's pointers (iovec array, memory) stay valid
             // until completion: both are owned by the op in `self.ops`.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                self.queued += 1;
+                self.queued = self.queued.saturating_add(1);
                 return Ok(());
             }
             self.submit()?;
@@ -446,7 +450,7 @@ impl Engine {
             IoKind::Write { .. } if op.total > 0 => super::hooks::hold_write(),
             _ => None,
         };
-        op.hold_until = hold.map(|h| Instant::now() + h);
+        op.hold_until = hold.and_then(|h| Instant::now().checked_add(h));
         let entry = self.ops.vacant_entry();
         let key = entry.key();
         entry.insert(op);
@@ -680,7 +684,7 @@ impl Engine {
                     let kernel_left = iov_total(&op.iov);
                     if op.total == 0
                         || n >= kernel_left
-                        || (op.bounce.is_some() && op.done + n >= op.total)
+                        || (op.bounce.is_some() && op.done.saturating_add(n) >= op.total)
                     {
                         op.done = op.total;
                         Some(i64::try_from(op.total).unwrap_or(i64::MAX))
@@ -692,7 +696,7 @@ impl Engine {
                             op.done = op.total;
                             Some(i64::try_from(op.total).unwrap_or(i64::MAX))
                         } else {
-                            Some(-i64::from(libc::ENOSPC))
+                            Some(i64::from(-libc::ENOSPC))
                         }
                     } else {
                         let _ = left;
@@ -755,13 +759,19 @@ impl Drop for Engine {
                     self.ops.len(),
                     start.elapsed().as_secs()
                 );
-                report += Duration::from_secs(60);
+                report = report.saturating_add(Duration::from_secs(60));
             }
         }
     }
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
