@@ -10,7 +10,7 @@ use vhost_user_ubd::{
     config::{ConfigError, DiskSpec, ServeArgsRaw, ServeConfig},
     cow::{
         self,
-        file::{inspect, BackingStatus, CowReport},
+        inspect::{inspect, BackingStatus, CowReport},
         CowFile, CowFileError, OpenCow,
     },
     daemon::{self, DaemonError},

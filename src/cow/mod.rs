@@ -15,6 +15,8 @@
 pub mod bitmap;
 pub mod file;
 pub mod header;
+pub mod inspect;
+pub mod load;
 
 pub use bitmap::Bitmap;
 pub use file::{create_cow, CowFile, CowFileError, OpenCow};

@@ -11,10 +11,16 @@
 
 pub mod aio;
 pub mod buffers;
+pub mod eventfd;
 pub mod hooks;
+pub mod observer;
+pub mod op;
 pub mod shm;
 pub mod sys;
 pub mod uring;
 
 pub use buffers::{AlignedBuf, AtomicBytes, BufReturn, IoVecs, Owner};
-pub use uring::{Engine, EventFd, IoDone, IoKind, IoObserver, IoOp};
+pub use eventfd::EventFd;
+pub use observer::IoObserver;
+pub use op::{IoDone, IoKind, IoOp};
+pub use uring::Engine;

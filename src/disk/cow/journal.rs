@@ -47,7 +47,7 @@ use std::{
 use thiserror::Error;
 
 use crate::{
-    cow::{file::read_data_regions, CowFile},
+    cow::{load::read_data_regions, CowFile},
     engine::shm::SharedWords,
 };
 
