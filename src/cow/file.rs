@@ -165,6 +165,15 @@ pub enum CowFileError {
     },
 }
 
+/// The error of a bitmap that cannot be read.
+pub(super) fn bitmap_read(path: &Path, source: io::Error) -> CowFileError {
+    CowFileError::Read {
+        path: path.to_path_buf(),
+        what: "bitmap",
+        source,
+    }
+}
+
 /// Takes a whole-file OFD lock (`F_RDLCK` or `F_WRLCK`) without waiting.
 pub fn ofd_lock(
     file: &File,
@@ -554,7 +563,8 @@ impl CowFile {
         } else {
             (data_fd, direct)
         };
-        let (bitmap, bits_at_open) = load_bitmap(&meta_fd, path, &geometry)?;
+        let (bitmap, bits_at_open) =
+            load_bitmap(&meta_fd, &geometry).map_err(|e| bitmap_read(path, e))?;
         Ok(Self {
             bits_at_open,
             path: path.to_path_buf(),

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{
-    file::{check_backing, read_layout, CowFileError},
+    file::{bitmap_read, check_backing, read_layout, CowFileError},
     header::Geometry,
     load::load_bitmap,
 };
@@ -66,7 +66,7 @@ pub fn inspect(path: &Path, backing_override: Option<&Path>) -> Result<CowReport
     };
     let file = File::open(path).map_err(open_err)?;
     let (header, geometry, file_len) = read_layout(&file, path)?;
-    let (bitmap, _) = load_bitmap(&file, path, &geometry)?;
+    let (bitmap, _) = load_bitmap(&file, &geometry).map_err(|e| bitmap_read(path, e))?;
     let backing_path =
         backing_override.map_or_else(|| header.backing_file.clone(), Path::to_path_buf);
     let backing = match std::fs::metadata(&backing_path) {

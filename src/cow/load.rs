@@ -3,29 +3,24 @@
 //! that hold data (a fresh 1 TiB COW's 32 MiB bitmap is one hole), and the
 //! number of bits set, counted from the bytes read.
 
-use std::{fs::File, io, os::unix::fs::FileExt, path::Path};
+use std::{fs::File, io, os::unix::fs::FileExt};
 
-use super::{bitmap::Bitmap, file::CowFileError, header::Geometry};
+use super::{bitmap::Bitmap, header::Geometry};
 
 /// Reads the on-disk bitmap into memory.
 /// Returns it with the number of bits set in it.
-pub fn load_bitmap(file: &File, path: &Path, g: &Geometry) -> Result<(Bitmap, u64), CowFileError> {
-    let read_err = |e| CowFileError::Read {
-        path: path.to_path_buf(),
-        what: "bitmap",
-        source: e,
-    };
+pub fn load_bitmap(file: &File, g: &Geometry) -> io::Result<(Bitmap, u64)> {
     let len = usize::try_from(g.bitmap_len).map_err(|_| {
-        read_err(io::Error::new(
+        io::Error::new(
             io::ErrorKind::OutOfMemory,
             "bitmap larger than the address space",
-        ))
+        )
     })?;
     // Zeroed lazily by the allocator: pages of the bitmap that stay clear
     // are never touched, so a fresh (sparse) COW of 1 TiB starts without
     // reading or faulting in its 256 MiB of zeros.
     let mut bytes = vec![0u8; len];
-    let spans = read_data_regions(file, &mut bytes, g.bitmap_offset).map_err(read_err)?;
+    let spans = read_data_regions(file, &mut bytes, g.bitmap_offset)?;
     // Bits set on disk, counted where data was read (holes are clear), a
     // word at a time (a full 1 TiB bitmap is 256 MiB): the crash journal
     // checks it against what it saw. Bits past the last sector do not count.
