@@ -11,6 +11,12 @@
 //! [`DiskQueue::event_fd`] to become readable, `poll` completions. A read
 //! that `submit` hands back ([`Submitted::Again`]) must wait (R4): keep it
 //! and submit it again once `poll` reports `retry`.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 pub mod cow;
 pub mod extents;
@@ -500,6 +506,12 @@ impl Blocking {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 
