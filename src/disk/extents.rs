@@ -10,7 +10,14 @@ use std::{collections::BTreeMap, ops::Range};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExtentSet {
     map: BTreeMap<u64, u64>,
+    /// Sectors in the set (a statistic: the sum of the extents' lengths).
     sectors: u64,
+}
+
+/// Sectors of extent `[s, e)`. Stored extents are never empty (`s < e`),
+/// so this is exactly `e - s`.
+fn extent_len(s: u64, e: u64) -> u64 {
+    e.saturating_sub(s)
 }
 
 impl ExtentSet {
@@ -51,10 +58,10 @@ impl ExtentSet {
         for (s, e) in doomed {
             end = end.max(e);
             self.map.remove(&s);
-            self.sectors -= e - s;
+            self.sectors = self.sectors.saturating_sub(extent_len(s, e));
         }
         self.map.insert(start, end);
-        self.sectors += end - start;
+        self.sectors = self.sectors.saturating_add(extent_len(start, end));
     }
 
     /// Removes a range (parts of extents are kept).
@@ -65,14 +72,15 @@ impl ExtentSet {
         let hit: Vec<(u64, u64)> = self.overlapping(r.clone()).collect();
         for (s, e) in hit {
             self.map.remove(&s);
-            self.sectors -= e - s;
-            if s < r.start {
+            self.sectors = self.sectors.saturating_sub(extent_len(s, e));
+            // The parts of the extent before and after `r` stay.
+            if let Some(n) = r.start.checked_sub(s).filter(|&n| n > 0) {
                 self.map.insert(s, r.start);
-                self.sectors += r.start - s;
+                self.sectors = self.sectors.saturating_add(n);
             }
-            if e > r.end {
+            if let Some(n) = e.checked_sub(r.end).filter(|&n| n > 0) {
                 self.map.insert(r.end, e);
-                self.sectors += e - r.end;
+                self.sectors = self.sectors.saturating_add(n);
             }
         }
     }
@@ -115,6 +123,12 @@ impl ExtentSet {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

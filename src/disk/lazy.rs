@@ -114,6 +114,9 @@ impl DiskQueue for LazyQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.as_ref().map_or(0, |q| q.in_flight()) + self.failed.len()
+        self.inner
+            .as_ref()
+            .map_or(0, |q| q.in_flight())
+            .saturating_add(self.failed.len())
     }
 }

@@ -11,6 +11,12 @@
 //! [`DiskQueue::event_fd`] to become readable, `poll` completions. A read
 //! that `submit` hands back ([`Submitted::Again`]) must wait (R4): keep it
 //! and submit it again once `poll` reports `retry`.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 pub mod cow;
 pub mod extents;
@@ -40,6 +46,14 @@ pub const SECTOR: u64 = 512;
 
 /// Largest write of zeros in one operation (the write-zeroes fallback).
 pub(crate) const ZERO_OP_MAX: u64 = 32 << 20;
+
+/// Bytes in `sectors` sectors, which is also the byte offset of sector
+/// `sectors`; `None` when that does not fit in a `u64`. [`check_range`]
+/// passes no request whose end does not fit, so for the sectors of such a
+/// request this is never `None`.
+pub(crate) fn sectors_to_bytes(sectors: u64) -> Option<u64> {
+    sectors.checked_mul(SECTOR)
+}
 
 /// Why a disk could not be opened or used.
 #[derive(Debug, Error)]
@@ -381,7 +395,7 @@ pub struct OutOfRange {
 pub fn check_range(sector: u64, nsect: u64, sectors: u64) -> Result<(), OutOfRange> {
     let inside = sector
         .checked_add(nsect)
-        .is_some_and(|end| end <= sectors && end.checked_mul(SECTOR).is_some());
+        .is_some_and(|end| end <= sectors && sectors_to_bytes(end).is_some());
     if inside {
         Ok(())
     } else {
@@ -434,7 +448,9 @@ impl Blocking {
     /// Runs one operation to completion.
     pub fn run(&mut self, op: Op) -> Result<(), i32> {
         let tag = self.next_tag;
-        self.next_tag += 1;
+        // Wrapping on purpose: a tag only has to differ from the tags in
+        // flight, and here one request is in flight at a time.
+        self.next_tag = self.next_tag.wrapping_add(1);
         let mut req = Request { op, tag };
         let mut out = Vec::new();
         loop {
@@ -490,6 +506,12 @@ impl Blocking {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

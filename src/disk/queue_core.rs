@@ -35,6 +35,11 @@ pub fn punch_unsupported(errno: i32) -> bool {
     matches!(errno, libc::EOPNOTSUPP | libc::EINVAL)
 }
 
+/// The error of an operation that cannot be built: an I/O error (EIO).
+pub(crate) fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
 #[derive(Debug)]
 struct Slot<S> {
     tag: u64,
@@ -91,14 +96,23 @@ impl<S> QueueCore<S> {
     }
 
     /// Hands an operation of request `key` to the engine (a failure to
-    /// build or queue it becomes the request's error).
+    /// build or queue it becomes the request's error). An operation of no
+    /// request is not pushed: nothing would count its completion.
     pub fn push(&mut self, key: usize, op: io::Result<IoOp>) {
-        let r = op.and_then(|op| self.engine.push(op));
-        if let Some(slot) = self.slots.get_mut(key) {
-            match r {
-                Ok(()) => slot.remaining += 1,
-                Err(e) => slot.err = Some(e.raw_os_error().unwrap_or(libc::EIO)),
-            }
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        // The count must cover every operation in flight, or the request
+        // would close before its last one lands: one it cannot count is
+        // refused, not pushed.
+        let r = slot
+            .remaining
+            .checked_add(1)
+            .ok_or_else(eio)
+            .and_then(|n| op.and_then(|op| self.engine.push(op)).map(|()| n));
+        match r {
+            Ok(n) => slot.remaining = n,
+            Err(e) => slot.err = Some(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }
 
@@ -113,7 +127,10 @@ impl<S> QueueCore<S> {
     fn zero_write(&mut self, key: usize, fb: ZeroFallback) {
         let (mut pos, mut len) = (fb.pos, fb.len);
         while len > 0 {
-            let n = len.min(ZERO_OP_MAX);
+            // `n` bytes now, `rest` in the next operations.
+            let (n, rest) = len
+                .checked_sub(ZERO_OP_MAX)
+                .map_or((len, 0), |rest| (ZERO_OP_MAX, rest));
             let op = IoVecs::zeros(n).and_then(|iov| {
                 IoOp::rw(
                     IoKind::Write { dsync: fb.dsync },
@@ -125,8 +142,16 @@ impl<S> QueueCore<S> {
                 )
             });
             self.push(key, op);
-            pos += n;
-            len -= n;
+            if rest == 0 {
+                return;
+            }
+            let Some(next) = pos.checked_add(n) else {
+                // Zeros past the largest byte offset (no request that
+                // `check_range` passed reaches it): the request fails.
+                self.push(key, Err(eio()));
+                return;
+            };
+            (pos, len) = (next, rest);
         }
     }
 

@@ -22,9 +22,9 @@ use std::{
 
 use super::{
     check_request, file_id,
-    queue_core::{QueueCore, ZeroFallback},
-    AioMode, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, Op, Request, Submitted,
-    SECTOR,
+    queue_core::{eio, QueueCore, ZeroFallback},
+    sectors_to_bytes, AioMode, Completion, Disk, DiskError, DiskInfo, DiskOptions, DiskQueue, Op,
+    Request, Submitted, SECTOR,
 };
 use crate::{
     cow::file::ofd_lock,
@@ -174,14 +174,16 @@ impl RawQueue {
         )
     }
 
-    fn zero_fallback(&self, sector: u64, nsect: u64) -> ZeroFallback {
-        ZeroFallback {
+    /// `None` for sectors past the largest byte offset (`check_range`
+    /// refuses them).
+    fn zero_fallback(&self, sector: u64, nsect: u64) -> Option<ZeroFallback> {
+        Some(ZeroFallback {
             fd: self.fd,
-            pos: sector * SECTOR,
-            len: nsect * SECTOR,
+            pos: sectors_to_bytes(sector)?,
+            len: sectors_to_bytes(nsect)?,
             direct: self.info.direct,
             dsync: !self.writeback,
-        }
+        })
     }
 
     fn settle(&mut self, key: usize) {
@@ -219,16 +221,12 @@ impl DiskQueue for RawQueue {
         }
         let key = self.core.open(req.tag, Stage { sync_after: false });
         let direct = self.info.direct;
+        // The byte offset of a sector `check_range` passed always fits.
+        let byte_pos = |sector| sectors_to_bytes(sector).ok_or_else(eio);
         match req.op {
             Op::Read { sector, iov } => {
-                let op = IoOp::rw(
-                    IoKind::Read,
-                    self.fd,
-                    sector * SECTOR,
-                    iov,
-                    direct,
-                    key as u64,
-                );
+                let op = byte_pos(sector)
+                    .and_then(|pos| IoOp::rw(IoKind::Read, self.fd, pos, iov, direct, key as u64));
                 self.core.push(key, op);
             }
             Op::Write { sector, iov } => {
@@ -238,7 +236,8 @@ impl DiskQueue for RawQueue {
                 // io-wq threads, and overwrites complete sooner too (see
                 // `AioMode`).
                 let aio = direct && self.shared.aio_writes;
-                let op = IoOp::rw(kind, self.fd, sector * SECTOR, iov, direct, key as u64)
+                let op = byte_pos(sector)
+                    .and_then(|pos| IoOp::rw(kind, self.fd, pos, iov, direct, key as u64))
                     .map(|op| if aio { op.via_aio() } else { op });
                 self.core.push(key, op);
             }
@@ -251,15 +250,19 @@ impl DiskQueue for RawQueue {
                 if let Some(s) = self.core.stage_mut(key) {
                     s.sync_after = !writeback;
                 }
-                let fb = self.zero_fallback(sector, nsect);
-                self.core.set_zero_fallback(key, fb);
                 let mode = if unmap {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
-                let op = IoOp::fallocate(self.fd, fb.pos, fb.len, mode, key as u64);
-                self.core.push(key, Ok(op));
+                match self.zero_fallback(sector, nsect) {
+                    Some(fb) => {
+                        self.core.set_zero_fallback(key, fb);
+                        let op = IoOp::fallocate(self.fd, fb.pos, fb.len, mode, key as u64);
+                        self.core.push(key, Ok(op));
+                    }
+                    None => self.core.push(key, Err(eio())),
+                }
             }
         }
         self.settle(key);

@@ -199,8 +199,13 @@ impl<T> BitmapWriteback<T> {
         let Some(mem) = bitmap.io_vecs(bytes.clone()) else {
             return Err(tag);
         };
+        // Ids never repeat (nor reach 0, the durability thread's sync tag):
+        // once they run out, writes are refused.
         let id = self.next_id;
-        self.next_id += 1;
+        let Some(next_id) = id.checked_add(1) else {
+            return Err(tag);
+        };
+        self.next_id = next_id;
         let w = Waiting {
             id,
             bytes,
@@ -227,7 +232,8 @@ impl<T> BitmapWriteback<T> {
             return Vec::new();
         };
         self.pending.remove(&start);
-        self.completed += 1;
+        // Wrapping on purpose: a generation number only has to move.
+        self.completed = self.completed.wrapping_add(1);
         let mut released = Vec::new();
         if self.waiting.is_empty() {
             return released;
@@ -286,7 +292,10 @@ impl<T> BitmapWriteback<T> {
             match out.last_mut() {
                 Some((cur, list))
                     if b.start <= cur.end.saturating_add(gap)
-                        && b.end.max(cur.end) - cur.start <= max_len.max(1) =>
+                        && b.end
+                            .max(cur.end)
+                            .checked_sub(cur.start)
+                            .is_some_and(|len| len <= max_len.max(1)) =>
                 {
                     cur.end = cur.end.max(b.end);
                     list.push(s);
@@ -299,6 +308,12 @@ impl<T> BitmapWriteback<T> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
     use crate::cow::CowHeader;

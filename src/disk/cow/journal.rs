@@ -241,7 +241,7 @@ pub fn judge(words: &[u64], file_words: u64, id: &Identity, bits: u64) -> Result
         )));
     }
     let boot = id.boot_id.chunks(8).map(le_word);
-    if !boot.enumerate().all(|(i, b)| w(W_BOOT_ID + i) == b) {
+    if !(W_BOOT_ID..).zip(boot).all(|(i, b)| w(i) == b) {
         return Err(Mismatch::OtherBoot);
     }
     if w(W_DEV) != id.dev || w(W_INO) != id.ino || (w(W_BTIME_S), w(W_BTIME_NS)) != id.btime {
@@ -267,6 +267,39 @@ fn le_word(chunk: &[u8]) -> u64 {
 
 fn shadow_words(nsect: u64) -> u64 {
     nsect.div_ceil(64)
+}
+
+/// Sectors in `runs` (ordered, non-empty runs of one device: the sum
+/// cannot overflow, so saturating never changes it).
+fn run_sectors(runs: &[Range<u64>]) -> u64 {
+    runs.iter()
+        .map(|r| r.end.saturating_sub(r.start))
+        .fold(0, u64::saturating_add)
+}
+
+/// The shadow bitmap words of `sectors` and the bits to set in each, in
+/// order: `(word, mask)`, bit `s % 64` of word `s / 64` for sector `s`.
+fn word_masks(sectors: Range<u64>) -> impl Iterator<Item = (u64, u64)> {
+    let end = sectors.end;
+    let mut s = sectors.start;
+    std::iter::from_fn(move || {
+        if s >= end {
+            return None;
+        }
+        // This word's sectors end at the next word boundary or at `end`;
+        // `s | 63` is the last sector of the word.
+        let stop = (s | 63).checked_add(1).map_or(end, |next| next.min(end));
+        let (first, last) = (s % 64, stop % 64);
+        // Bits `first..last` (`last` 0: up to the word's end).
+        let high = if last == 0 {
+            u64::MAX
+        } else {
+            !(u64::MAX << last)
+        };
+        let item = (s / 64, (u64::MAX << first) & high);
+        s = stop;
+        Some(item)
+    })
 }
 
 /// Where the journal of a COW lives in `dir`.
@@ -321,7 +354,7 @@ pub fn pending(dir: &Path, cow: &CowFile) -> Result<Pending, JournalError> {
     })?;
     Ok(Pending::Applies {
         path,
-        sectors: runs.iter().map(|r| r.end - r.start).sum(),
+        sectors: run_sectors(&runs),
     })
 }
 
@@ -360,7 +393,7 @@ impl Journal {
             Ok(f) => match Self::check(&f, &id, cow.bits_at_open) {
                 Ok(()) => {
                     recovered = replay(&f, cow).map_err(io_err("reading the shadow bitmap"))?;
-                    let n: u64 = recovered.iter().map(|r| r.end - r.start).sum();
+                    let n = run_sectors(&recovered);
                     log::info!(
                         "{}: crash journal {}: {n} sectors written and completed by the earlier \
                          daemon are not in the bitmap yet; they read from the COW and get their \
@@ -394,8 +427,10 @@ impl Journal {
             });
         }
         let shadow = shadow_words(id.nsect);
-        let words = usize::try_from(shadow.saturating_add(HEADER_WORDS as u64))
-            .map_err(|_| io_err("sizing")(io::Error::from(io::ErrorKind::OutOfMemory)))?;
+        let too_large = || io_err("sizing")(io::Error::from(io::ErrorKind::OutOfMemory));
+        let words =
+            usize::try_from(shadow.saturating_add(HEADER_WORDS as u64)).map_err(|_| too_large())?;
+        let bytes = (words as u64).checked_mul(8).ok_or_else(too_large)?;
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -408,7 +443,7 @@ impl Journal {
             // A fresh journal: all zero, header written below, magic last.
             f.set_len(0).map_err(io_err("truncating"))?;
         }
-        f.set_len(words as u64 * 8).map_err(io_err("sizing"))?;
+        f.set_len(bytes).map_err(io_err("sizing"))?;
         let map = SharedWords::map(&f, words).map_err(io_err("mapping"))?;
         let j = Self {
             map,
@@ -430,8 +465,8 @@ impl Journal {
             j.put(W_HEADER_HASH, id.header_hash);
             j.put(W_NSECT, id.nsect);
             j.put(W_SHADOW_WORDS, shadow);
-            for (i, c) in id.boot_id.chunks(8).enumerate().take(BOOT_ID_WORDS) {
-                j.put(W_BOOT_ID + i, le_word(c));
+            for (i, c) in (W_BOOT_ID..).zip(id.boot_id.chunks(8)).take(BOOT_ID_WORDS) {
+                j.put(i, le_word(c));
             }
             j.put(W_SESSIONS, 1);
             j.put(W_MAGIC, MAGIC);
@@ -469,23 +504,13 @@ impl Journal {
     /// the kernel). Called before the completion is posted.
     pub fn record(&self, sectors: Range<u64>) {
         let end = sectors.end.min(self.nsect);
-        let mut s = sectors.start;
-        while s < end {
-            let word = s / 64;
-            let first = s % 64;
-            let n = (end - s).min(64 - first);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << first
-            };
+        for (word, mask) in word_masks(sectors.start..end) {
             if let Some(w) = usize::try_from(word)
                 .ok()
                 .and_then(|i| self.map.word(HEADER_WORDS.saturating_add(i)))
             {
                 w.fetch_or(mask.to_le(), Ordering::Release);
             }
-            s += n;
         }
     }
 
@@ -519,23 +544,35 @@ fn replay(f: &File, cow: &CowFile) -> io::Result<Vec<Range<u64>>> {
     let spans = read_data_regions(f, &mut buf, HEADER_BYTES)?;
     let mut runs: Vec<Range<u64>> = Vec::new();
     for span in spans {
-        let first_word = span.start / 8;
-        let last_word = span.end.div_ceil(8);
-        for wi in first_word..last_word {
-            let Some(chunk) = buf.get(wi * 8..wi * 8 + 8) else {
-                break;
-            };
+        // The whole words around the span's bytes, inside `buf`.
+        let lo = span.start & !7;
+        let hi = span
+            .end
+            .checked_next_multiple_of(8)
+            .unwrap_or(usize::MAX)
+            .min(buf.len() & !7);
+        let Some(words) = buf.get(lo..hi) else {
+            continue;
+        };
+        for (wi, chunk) in (lo / 8..).zip(words.chunks_exact(8)) {
             let mut v = le_word(chunk);
-            while v != 0 {
+            // One set bit at a time, lowest first.
+            while let Some(rest) = v.checked_sub(1) {
                 let bit = u64::from(v.trailing_zeros());
-                v &= v - 1;
-                let s = (wi as u64) * 64 + bit;
-                if s >= nsect || cow.bitmap.test(s) {
+                v &= rest;
+                let Some(s) = (wi as u64).checked_mul(64).and_then(|b| b.checked_add(bit)) else {
+                    break;
+                };
+                // Sectors of the device only: `s < nsect`, so `s + 1` fits.
+                let Some(next) = s.checked_add(1).filter(|&next| next <= nsect) else {
+                    continue;
+                };
+                if cow.bitmap.test(s) {
                     continue;
                 }
                 match runs.last_mut() {
-                    Some(r) if r.end == s => r.end = s + 1,
-                    _ => runs.push(s..s + 1),
+                    Some(r) if r.end == s => r.end = next,
+                    _ => runs.push(s..next),
                 }
             }
         }
@@ -544,6 +581,12 @@ fn replay(f: &File, cow: &CowFile) -> io::Result<Vec<Range<u64>>> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 
@@ -631,6 +674,33 @@ mod tests {
         let mut other = good.clone();
         other.boot_id[35] ^= 1;
         assert_eq!(judge(&h, FILE_WORDS, &other, 0), Err(Mismatch::OtherBoot));
+    }
+
+    #[test]
+    fn shadow_masks_mark_exactly_the_sectors_of_a_range() {
+        let naive = |r: Range<u64>| {
+            let mut words = std::collections::BTreeMap::<u64, u64>::new();
+            for s in r {
+                *words.entry(s / 64).or_default() |= 1 << (s % 64);
+            }
+            words.into_iter().collect::<Vec<_>>()
+        };
+        for start in 0..200 {
+            for len in [0, 1, 2, 63, 64, 65, 127, 128, 129, 200] {
+                let r = start..start + len;
+                assert_eq!(
+                    word_masks(r.clone()).collect::<Vec<_>>(),
+                    naive(r.clone()),
+                    "{r:?}"
+                );
+            }
+        }
+        // The last word of the sector space: no boundary after it.
+        let top = u64::MAX - 70..u64::MAX;
+        assert_eq!(word_masks(top.clone()).collect::<Vec<_>>(), naive(top));
+        for (a, b) in [(5, 3), (5, 5)] {
+            assert_eq!(word_masks(a..b).count(), 0);
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! thread (R5) and the crash journal.
 
 use std::{
+    io,
     ops::Range,
     os::fd::{AsRawFd, RawFd},
     sync::{atomic::Ordering, Arc},
@@ -15,10 +16,10 @@ use super::{
     state::CowShared,
 };
 use crate::{
-    disk::queue_core::{QueueCore, ZeroFallback},
+    disk::queue_core::{eio, QueueCore, ZeroFallback},
     disk::{
-        check_request, extents::ExtentSet, Completion, DiskQueue, IoVecs, Op, Request, Submitted,
-        SECTOR,
+        check_request, extents::ExtentSet, sectors_to_bytes, Completion, DiskQueue, IoVecs, Op,
+        Request, Submitted, SECTOR,
     },
     engine::{Engine, IoKind, IoOp},
 };
@@ -73,7 +74,11 @@ impl CowQueue {
     /// Splits a read into COW, backing runs (R4 check included).
     fn read(&mut self, tag: u64, sector: u64, iov: IoVecs) -> Submitted {
         let nsect = iov.len() / SECTOR;
-        let range = sector..sector + nsect;
+        let Some(end) = sector.checked_add(nsect) else {
+            self.fail(tag, libc::EIO);
+            return Submitted::Queued;
+        };
+        let range = sector..end;
         let shared = self.shared.clone();
         let file = &shared.file;
         let key;
@@ -115,26 +120,27 @@ impl CowQueue {
             };
             key = self.new_slot(tag, Stage::Read);
             for (start, end, cow) in runs {
-                let part = iov.slice((start - sector) * SECTOR, (end - start) * SECTOR);
-                let op = if cow {
-                    IoOp::rw(
-                        IoKind::Read,
-                        self.data_fd,
-                        file.geometry.data_pos(start),
-                        part,
-                        file.direct,
-                        key as u64,
-                    )
-                } else {
-                    IoOp::rw(
-                        IoKind::Read,
-                        self.backing_fd,
-                        start * SECTOR,
-                        part,
-                        file.backing_direct,
-                        key as u64,
-                    )
-                };
+                let op = run_part(&iov, sector, start..end).and_then(|part| {
+                    if cow {
+                        IoOp::rw(
+                            IoKind::Read,
+                            self.data_fd,
+                            file.geometry.data_pos(start),
+                            part,
+                            file.direct,
+                            key as u64,
+                        )
+                    } else {
+                        IoOp::rw(
+                            IoKind::Read,
+                            self.backing_fd,
+                            sectors_to_bytes(start).ok_or_else(eio)?,
+                            part,
+                            file.backing_direct,
+                            key as u64,
+                        )
+                    }
+                });
                 self.push(key, op);
             }
         }
@@ -144,7 +150,11 @@ impl CowQueue {
 
     fn write(&mut self, tag: u64, sector: u64, iov: IoVecs) {
         let nsect = iov.len() / SECTOR;
-        let range = sector..sector + nsect;
+        let Some(end) = sector.checked_add(nsect) else {
+            self.fail(tag, libc::EIO);
+            return;
+        };
+        let range = sector..end;
         let shared = self.shared.clone();
         let file = &shared.file;
         let bits = if file.bitmap.all_set(range.clone()) {
@@ -171,10 +181,12 @@ impl CowQueue {
     }
 
     fn punch(&mut self, tag: u64, sector: u64, nsect: u64) {
-        let range = sector..sector + nsect;
-        let key = self.new_slot(tag, Stage::Data { bits: range });
+        let (Some(end), Some(len)) = (sector.checked_add(nsect), sectors_to_bytes(nsect)) else {
+            self.fail(tag, libc::EIO);
+            return;
+        };
+        let key = self.new_slot(tag, Stage::Data { bits: sector..end });
         let pos = self.shared.file.geometry.data_pos(sector);
-        let len = nsect * SECTOR;
         self.core.set_zero_fallback(
             key,
             ZeroFallback {
@@ -210,7 +222,7 @@ impl CowQueue {
         let shared = &self.shared;
         shared.writes_since_sync.fetch_add(1, Ordering::AcqRel);
         if !shared.writeback.load(Ordering::Acquire) {
-            self.at_meta += 1;
+            self.at_meta = self.at_meta.saturating_add(1);
             let ranges = if bits.is_empty() {
                 Vec::new()
             } else {
@@ -262,17 +274,30 @@ fn route(
     let extents: Vec<(u64, u64)> = unpersisted.overlapping(range.clone()).collect();
     let mut ext = extents.iter().peekable();
     let mut out: Vec<(u64, u64, bool)> = Vec::new();
-    for s in range {
+    for s in range.clone() {
         while ext.peek().is_some_and(|e| e.1 <= s) {
             ext.next();
         }
         let cow = bitmap.test(s) || ext.peek().is_some_and(|e| e.0 <= s);
-        match out.last_mut() {
-            Some(last) if last.2 == cow => last.1 = s + 1,
-            _ => out.push((s, s + 1, cow)),
+        // A run lasts until the next one starts, the last one to the end.
+        if out.last().is_none_or(|last| last.2 != cow) {
+            if let Some(last) = out.last_mut() {
+                last.1 = s;
+            }
+            out.push((s, range.end, cow));
         }
     }
     out
+}
+
+/// The memory of sectors `run` of a read of `iov` at `sector`.
+fn run_part(iov: &IoVecs, sector: u64, run: Range<u64>) -> io::Result<IoVecs> {
+    let from = run.start.checked_sub(sector).and_then(sectors_to_bytes);
+    let len = run.end.checked_sub(run.start).and_then(sectors_to_bytes);
+    match (from, len) {
+        (Some(from), Some(len)) => Ok(iov.slice(from, len)),
+        _ => Err(eio()),
+    }
 }
 
 impl DiskQueue for CowQueue {
@@ -288,7 +313,7 @@ impl DiskQueue for CowQueue {
         if req.op.is_write() {
             if let Some((sector, nsect)) = req.op.sectors() {
                 let limit = self.shared.file.geometry.bitmap_sectors();
-                if sector + nsect > limit {
+                if sector.checked_add(nsect).is_none_or(|end| end > limit) {
                     log::warn!(
                         "{}: sectors from {limit} on have no bit in this {} bitmap; write refused",
                         self.shared.info.path.display(),
@@ -303,7 +328,7 @@ impl DiskQueue for CowQueue {
             Op::Read { sector, iov } => return self.read(req.tag, sector, iov),
             Op::Write { sector, iov } => self.write(req.tag, sector, iov),
             Op::Flush => {
-                self.at_meta += 1;
+                self.at_meta = self.at_meta.saturating_add(1);
                 self.shared.channel.send(Cmd::Flush(Reply {
                     mailbox: self.mailbox.clone(),
                     tag: req.tag,
@@ -343,6 +368,6 @@ impl DiskQueue for CowQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.core.len() + self.at_meta
+        self.core.len().saturating_add(self.at_meta)
     }
 }

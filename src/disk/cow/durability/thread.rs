@@ -189,15 +189,17 @@ impl Meta {
             return 10;
         }
         let since = self.shared.state.lock().ok().and_then(|s| s.since);
-        let checkpoint = since.map(|t| t + self.shared.opts.max_pending_age);
+        // A deadline past what an `Instant` can hold is no deadline.
+        let checkpoint = since.and_then(|t| t.checked_add(self.shared.opts.max_pending_age));
         let held = self.delayed.front().map(|(due, _)| *due);
-        let watch = self.last_backing_check + BACKING_CHECK_PERIOD;
-        let due = [checkpoint, held, Some(watch)]
+        let watch = self.last_backing_check.checked_add(BACKING_CHECK_PERIOD);
+        let left = [checkpoint, held, watch]
             .into_iter()
             .flatten()
             .min()
-            .unwrap_or(watch);
-        let left = due.saturating_duration_since(Instant::now());
+            .map_or(BACKING_CHECK_PERIOD, |due| {
+                due.saturating_duration_since(Instant::now())
+            });
         i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1)
     }
 
@@ -312,12 +314,21 @@ impl Meta {
         if d.tag == SYNC_TAG {
             self.shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
             self.on_sync(d.result);
-        } else if !self.shared.opts.bitmap_write_delay.is_zero() {
-            self.delayed
-                .push_back((Instant::now() + self.shared.opts.bitmap_write_delay, d));
+        } else if let Some(due) = self.held_until() {
+            self.delayed.push_back((due, d));
         } else {
             self.on_bitmap_write(d.tag, d.result);
         }
+    }
+
+    /// Test hook: until when a bitmap write completing now is held (none
+    /// without a delay, or with one past what an `Instant` can hold).
+    fn held_until(&self) -> Option<Instant> {
+        let delay = self.shared.opts.bitmap_write_delay;
+        if delay.is_zero() {
+            return None;
+        }
+        Instant::now().checked_add(delay)
     }
 
     fn on_sync(&mut self, result: i64) {
@@ -343,6 +354,7 @@ impl Meta {
         let mut batch: Vec<Range<u64>> = std::mem::take(&mut self.rewrite);
         batch.append(&mut epoch_batch);
         let mut issued = Vec::new();
+        // Bitmap writes of the epoch submitted: issued now or waiting (R3).
         let mut count = 0usize;
         if let Ok(mut s) = shared.state.lock() {
             let limit = shared.file.geometry.bitmap_sectors();
@@ -350,37 +362,44 @@ impl Meta {
                 r.end = r.end.min(limit);
             }
             let groups = BitmapWriteback::<u64>::bytes_for(&batch, COALESCE_GAP, MAX_BITMAP_WRITE);
-            for (bytes, sectors) in groups {
-                let keep = sectors.clone();
-                match s.wb.submit(
-                    &shared.file.bitmap,
-                    &shared.file.geometry,
-                    bytes,
-                    sectors,
-                    id,
-                ) {
-                    Ok(Queued::Issue(w)) => {
-                        for r in &w.sectors {
-                            s.unpersisted.remove(r.clone());
+            count = groups
+                .into_iter()
+                .map(|(bytes, sectors)| {
+                    let keep = sectors.clone();
+                    match s.wb.submit(
+                        &shared.file.bitmap,
+                        &shared.file.geometry,
+                        bytes,
+                        sectors,
+                        id,
+                    ) {
+                        Ok(Queued::Issue(w)) => {
+                            for r in &w.sectors {
+                                s.unpersisted.remove(r.clone());
+                            }
+                            self.writes.insert(w.id, (id, keep));
+                            issued.push(w);
+                            true
                         }
-                        self.writes.insert(w.id, (id, keep));
-                        issued.push(w);
-                        count += 1;
+                        Ok(Queued::Wait(write_id)) => {
+                            shared
+                                .stats
+                                .bitmap_writes_waited
+                                .fetch_add(1, Ordering::Relaxed);
+                            self.writes.insert(write_id, (id, keep));
+                            true
+                        }
+                        Err(_) => {
+                            log::error!(
+                                "{}: bitmap write out of range dropped",
+                                shared.info.path.display()
+                            );
+                            false
+                        }
                     }
-                    Ok(Queued::Wait(write_id)) => {
-                        count += 1;
-                        shared
-                            .stats
-                            .bitmap_writes_waited
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.writes.insert(write_id, (id, keep));
-                    }
-                    Err(_) => log::error!(
-                        "{}: bitmap write out of range dropped",
-                        shared.info.path.display()
-                    ),
-                }
-            }
+                })
+                .filter(|&submitted| submitted)
+                .count();
         }
         self.announce(&issued);
         for w in issued {
@@ -416,7 +435,8 @@ impl Meta {
         )
         .and_then(|op| self.engine.push(op));
         if let Err(e) = pushed {
-            self.on_bitmap_write(write_id, -i64::from(e.raw_os_error().unwrap_or(libc::EIO)));
+            let errno = i64::from(e.raw_os_error().unwrap_or(libc::EIO));
+            self.on_bitmap_write(write_id, errno.saturating_neg());
         }
     }
 
