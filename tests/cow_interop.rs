@@ -87,7 +87,7 @@ fn disk_api_writes_merge_with_uml_moo_and_set_exactly_the_written_bits() {
     make_backing(&base, size);
     let cow = dir.path().join("disk.cow");
     let disk = open_cow(&cow, &opts(Some(&base))).unwrap();
-    let nsect = disk.info().sectors;
+    let nsect = disk.info().sectors();
     assert_eq!(nsect, 16_385);
     let mut q = Blocking::new(disk.as_ref()).unwrap();
     let mut model: Vec<u8> = (0..nsect * 512)

@@ -944,7 +944,7 @@ fn run_case(case: &Case) {
         (path, case.opts.clone())
     };
     let disk = open(case.cow, &path, &opts);
-    assert_eq!(disk.info().sectors, DISK_SECTORS);
+    assert_eq!(disk.info().sectors(), DISK_SECTORS);
 
     let clock = Arc::new(Clock::new());
     let workers: Vec<_> = (0..THREADS)

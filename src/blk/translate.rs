@@ -75,12 +75,14 @@ pub fn translate(
     serial: &str,
     data: impl FnOnce() -> Option<IoVecs>,
 ) -> Result<Action, Refusal> {
+    // The size is live (resize): one reading for the whole request.
+    let sectors = info.sectors();
     match req.rtype {
         RequestType::In | RequestType::Out => {
             if req.rtype == RequestType::Out && info.readonly {
                 return Err(refuse(S_IOERR, "write to a read-only disk"));
             }
-            check_range(req.sector, req.data_len / SECTOR, info.sectors)
+            check_range(req.sector, req.data_len / SECTOR, sectors)
                 .map_err(|e| refuse(S_IOERR, e.to_string()))?;
             let iov = data().ok_or_else(|| refuse(S_IOERR, "data buffer outside guest memory"))?;
             let sector = req.sector;
@@ -100,7 +102,7 @@ pub fn translate(
                 return Err(refuse(S_UNSUPP, "more than one discard/write-zeroes range"));
             };
             let nsect = u64::from(r.num_sectors);
-            check_range(r.sector, nsect, info.sectors)
+            check_range(r.sector, nsect, sectors)
                 .map_err(|e| refuse(S_IOERR, format!("discard/write-zeroes: {e}")))?;
             if r.num_sectors > MAX_DISCARD_SECTORS {
                 return Err(refuse(
@@ -114,7 +116,7 @@ pub fn translate(
                 }
                 let align = u64::from(DISCARD_ALIGN);
                 // check_range passed: the end is the device's or before it.
-                let tail_ok = r.sector.checked_add(nsect) == Some(info.sectors);
+                let tail_ok = r.sector.checked_add(nsect) == Some(sectors);
                 if r.sector.checked_rem(align) != Some(0)
                     || (nsect.checked_rem(align) != Some(0) && !tail_ok)
                 {
@@ -152,7 +154,7 @@ mod tests {
 
     fn info(sectors: u64, readonly: bool) -> DiskInfo {
         DiskInfo {
-            sectors,
+            size: crate::disk::DiskSize::new(sectors),
             readonly,
             path: "/d".into(),
             id: "id".into(),

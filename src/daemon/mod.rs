@@ -120,14 +120,14 @@ pub fn run(
             "serving {} ({} disk, {} sectors) on {}",
             info.path.display(),
             info.kind,
-            info.sectors,
+            info.sectors(),
             p.display()
         ),
         ListenOn::Fd(fd) => log::info!(
             "serving {} ({} disk, {} sectors) on inherited fd {fd}",
             info.path.display(),
             info.kind,
-            info.sectors
+            info.sectors()
         ),
     }
     while !stop.load(Ordering::Acquire) {

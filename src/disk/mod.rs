@@ -30,7 +30,10 @@ use std::{
     io,
     os::fd::RawFd,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -177,11 +180,42 @@ pub enum Submitted {
     Again(Request),
 }
 
+/// The device size in sectors: one live value that every range check and
+/// the config space read (clones share it), so that a resize changes it in
+/// one place. Read it once per request.
+#[derive(Clone, Debug, Default)]
+pub struct DiskSize(Arc<AtomicU64>);
+
+impl DiskSize {
+    /// A size of `sectors`.
+    pub fn new(sectors: u64) -> Self {
+        Self(Arc::new(AtomicU64::new(sectors)))
+    }
+
+    /// The size now.
+    pub fn sectors(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Changes the size (a resize, once the file has it).
+    pub fn set(&self, sectors: u64) {
+        self.0.store(sectors, Ordering::Release);
+    }
+}
+
+impl PartialEq for DiskSize {
+    fn eq(&self, other: &Self) -> bool {
+        self.sectors() == other.sectors()
+    }
+}
+
+impl Eq for DiskSize {}
+
 /// What a disk offers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskInfo {
-    /// Device size in sectors.
-    pub sectors: u64,
+    /// Device size, live.
+    pub size: DiskSize,
     /// Writes refused.
     pub readonly: bool,
     /// Human name for logs (the file).
@@ -192,6 +226,13 @@ pub struct DiskInfo {
     pub kind: &'static str,
     /// Data descriptors use `O_DIRECT`.
     pub direct: bool,
+}
+
+impl DiskInfo {
+    /// Device size in sectors, now.
+    pub fn sectors(&self) -> u64 {
+        self.size.sectors()
+    }
 }
 
 /// A disk shared by every queue worker.
@@ -418,7 +459,7 @@ pub fn check_request(op: &Op, info: &DiskInfo) -> Result<(), i32> {
         }
     }
     if let Some((sector, nsect)) = op.sectors() {
-        check_range(sector, nsect, info.sectors).map_err(|_| libc::EIO)?;
+        check_range(sector, nsect, info.sectors()).map_err(|_| libc::EIO)?;
     }
     Ok(())
 }
@@ -535,5 +576,28 @@ mod tests {
         assert!(punch_unsupported(libc::EINVAL));
         assert!(!punch_unsupported(libc::EIO));
         assert!(!punch_unsupported(libc::ENOSPC));
+    }
+
+    #[test]
+    fn the_size_is_one_live_value_shared_by_every_copy_of_the_info() {
+        let info = DiskInfo {
+            size: DiskSize::new(100),
+            readonly: false,
+            path: "/d".into(),
+            id: "id".into(),
+            kind: "raw",
+            direct: false,
+        };
+        let queue_copy = info.clone();
+        let op = Op::Discard {
+            sector: 100,
+            nsect: 8,
+        };
+        assert_eq!(check_request(&op, &queue_copy), Err(libc::EIO));
+        info.size.set(108);
+        assert_eq!(queue_copy.sectors(), 108);
+        assert_eq!(check_request(&op, &queue_copy), Ok(()));
+        info.size.set(50);
+        assert_eq!(check_request(&op, &queue_copy), Err(libc::EIO));
     }
 }

@@ -89,7 +89,7 @@ impl RawDisk {
         }
         let shared = Arc::new(Shared {
             info: DiskInfo {
-                sectors: len / SECTOR,
+                size: super::DiskSize::new(len / SECTOR),
                 readonly: opts.readonly,
                 path: path.to_path_buf(),
                 id: file_id(&meta),

@@ -27,7 +27,7 @@ impl BlkBackend {
         let seg_max = u32::from(self.cfg.queue_size)
             .saturating_sub(2)
             .clamp(1, SEG_MAX_CAP);
-        put(0, &self.disk.info().sectors.to_le_bytes());
+        put(0, &self.disk.info().sectors().to_le_bytes());
         put(8, &SIZE_MAX.to_le_bytes());
         put(12, &seg_max.to_le_bytes());
         put(20, &512u32.to_le_bytes());

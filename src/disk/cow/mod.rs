@@ -26,6 +26,7 @@ use std::{
     time::Instant,
 };
 
+mod backing_watch;
 pub mod bitmap_writeback;
 pub mod channel;
 pub mod durability;
@@ -78,7 +79,7 @@ impl CowDisk {
             );
         }
         let info = DiskInfo {
-            sectors: file.geometry.nsect,
+            size: crate::disk::DiskSize::new(file.geometry.nsect),
             readonly: opts.readonly,
             path: path.to_path_buf(),
             id: file_id(&meta),

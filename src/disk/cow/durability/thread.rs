@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The durability thread of a COW disk: issues the syncs and bitmap writes
 //! the epochs (`epochs.rs`, R5) ask for, through `bitmap_writeback`
-//! (R1-R4), and answers their waiters; watches the backing file (R6).
+//! (R1-R4), and answers their waiters; drives the backing-file watch
+//! (R6, `backing_watch`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -13,6 +14,7 @@ use std::{
 
 use super::epochs::{checkpoint_due, Epochs};
 use crate::disk::cow::{
+    backing_watch::BackingWatch,
     bitmap_writeback::{BitmapWriteback, Issued, Queued},
     channel::{Cmd, Reply},
     state::CowShared,
@@ -36,8 +38,6 @@ const MAX_BITMAP_WRITE: u64 = 64 * 1024;
 const META_RING: u32 = 1024;
 /// Tag of the `fdatasync` (bitmap writes use their write id, >= 1).
 const SYNC_TAG: u64 = 0;
-/// How often the backing file's size and mtime are checked (R6).
-const BACKING_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 struct Meta {
     shared: Arc<CowShared>,
@@ -50,7 +50,7 @@ struct Meta {
     shutdown: Vec<mpsc::Sender<Result<(), i32>>>,
     /// Test hook: bitmap write completions held until their due time.
     delayed: VecDeque<(Instant, IoDone)>,
-    last_backing_check: Instant,
+    backing: BackingWatch,
 }
 
 /// Runs the durability thread of a COW disk until shutdown.
@@ -77,7 +77,7 @@ pub fn run(shared: Arc<CowShared>, event: Arc<EventFd>) {
         rewrite: Vec::new(),
         shutdown: Vec::new(),
         delayed: VecDeque::new(),
-        last_backing_check: Instant::now(),
+        backing: BackingWatch::new(),
     };
     m.main_loop();
 }
@@ -126,7 +126,7 @@ impl Meta {
             for cmd in self.shared.channel.take() {
                 self.on_cmd(cmd);
             }
-            self.watch_backing();
+            self.backing.check(&self.shared);
             self.maybe_checkpoint();
             self.maybe_sync();
             self.finish_epochs();
@@ -192,44 +192,15 @@ impl Meta {
         // A deadline past what an `Instant` can hold is no deadline.
         let checkpoint = since.and_then(|t| t.checked_add(self.shared.opts.max_pending_age));
         let held = self.delayed.front().map(|(due, _)| *due);
-        let watch = self.last_backing_check.checked_add(BACKING_CHECK_PERIOD);
+        let watch = self.backing.due();
         let left = [checkpoint, held, watch]
             .into_iter()
             .flatten()
             .min()
-            .map_or(BACKING_CHECK_PERIOD, |due| {
+            .map_or(BackingWatch::period(), |due| {
                 due.saturating_duration_since(Instant::now())
             });
         i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1)
-    }
-
-    /// R6: the backing file must not change under a COW. Checked once a
-    /// second; a change makes every read that needs the backing fail (EIO)
-    /// instead of returning data from a different base.
-    fn watch_backing(&mut self) {
-        if self.last_backing_check.elapsed() < BACKING_CHECK_PERIOD {
-            return;
-        }
-        self.last_backing_check = Instant::now();
-        if self.shared.backing_changed.load(Ordering::Acquire) {
-            return;
-        }
-        let f = &self.shared.file;
-        let problem = match f.backing_fd.metadata() {
-            Err(e) => Some(format!("cannot stat it: {e}")),
-            Ok(m) => crate::cow::file::check_backing(&f.path, &f.backing_path, &f.header, &m)
-                .err()
-                .map(|e| e.to_string()),
-        };
-        if let Some(p) = problem {
-            self.shared.backing_changed.store(true, Ordering::Release);
-            log::error!(
-                "{}: the backing file changed while serving ({p}). Reads of sectors not in the COW \
-                 now fail with an I/O error; writes and data already in the COW are kept. Restore \
-                 the base image and restart the daemon",
-                self.shared.info.path.display()
-            );
-        }
     }
 
     fn on_cmd(&mut self, cmd: Cmd) {
