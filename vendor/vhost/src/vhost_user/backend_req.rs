@@ -146,6 +146,14 @@ impl Backend {
 }
 
 impl VhostUserFrontendReqHandler for Backend {
+    /// Forward a device configuration change notification to the frontend
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, no payload): it re-reads the
+    /// configuration space with `GET_CONFIG`.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let mut guard = self.inner.lock().unwrap();
+        Ok(guard.send_message(BackendReq::CONFIG_CHANGE_MSG, &VhostUserEmpty, None)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
@@ -211,6 +219,21 @@ mod tests {
         let backend = Backend::from_stream(p1);
         let frontend = Endpoint::<VhostUserMsgHeader<BackendReq>>::from_stream(p2);
         (frontend, backend)
+    }
+
+    #[test]
+    fn test_backend_req_config_change() {
+        let (mut frontend, backend) = frontend_backend_pair();
+
+        backend.handle_config_change().unwrap();
+        let (hdr, fds) = frontend.recv_header().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), BackendReq::CONFIG_CHANGE_MSG);
+        assert_eq!(hdr.get_size(), 0);
+        assert!(!hdr.is_need_reply());
+        assert!(fds.is_none());
+
+        backend.set_failed(libc::ECONNRESET);
+        backend.handle_config_change().unwrap_err();
     }
 
     #[test]
