@@ -38,6 +38,27 @@ pub enum Command {
         /// The COW file.
         cow: PathBuf,
     },
+    /// Show what a running daemon serves, through its control socket.
+    Status {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Print the daemon's JSON reply.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resize a raw disk while it is served; the guest sees the new
+    /// capacity at once (QEMU). SIZE in bytes, or with K, M, G, T (1024).
+    Resize {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Allow shrinking (cuts off data the guest may still address).
+        #[arg(long)]
+        force: bool,
+        /// The new size.
+        size: String,
+    },
     /// Check that a COW file can be served: header, layout, backing, locks.
     /// Exit status 0 only when it is usable.
     Check {
@@ -115,6 +136,10 @@ pub struct ServeArgs {
     /// file system with birth times (tmpfs, ext4, xfs, btrfs).
     #[arg(long, default_value = "/dev/shm", value_name = "DIR|off")]
     pub crash_journal: String,
+    /// Control socket (status, resize; README "Control socket"), private
+    /// to the daemon's user.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
     #[arg(long, default_value_t = 0, hide = true)]
     pub test_bitmap_delay_ms: u64,

@@ -38,12 +38,110 @@ pub enum CliError {
     /// The daemon failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    /// A size that cannot be parsed.
+    #[error(
+        "cannot read the size {0:?}: give bytes, or a number with K, M, G or T (powers of 1024)"
+    )]
+    Size(String),
+}
+
+/// Bytes in `s`: a number with an optional K, M, G or T suffix (1024s).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (s.get(..i)?, 10),
+        (i, 'M' | 'm') => (s.get(..i)?, 20),
+        (i, 'G' | 'g') => (s.get(..i)?, 30),
+        (i, 'T' | 't') => (s.get(..i)?, 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
+/// `status`: what a running daemon serves.
+fn status(control: &Path, json: bool) -> Result<ExitCode, CliError> {
+    let v = daemon::control::call(control, &serde_json::json!({"v": 1, "cmd": "status"}))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (d, dev, st) = (&v["disk"], &v["device"], &v["stats"]);
+    println!(
+        "disk:       {} ({}, {} bytes, {} sectors{}{})",
+        d["path"].as_str().unwrap_or("?"),
+        d["kind"].as_str().unwrap_or("?"),
+        d["bytes"],
+        d["sectors"],
+        if d["readonly"] == true {
+            ", read-only"
+        } else {
+            ""
+        },
+        if d["writeback"] == true {
+            ", writeback cache"
+        } else {
+            ", writethrough"
+        },
+    );
+    println!(
+        "frontend:   {}",
+        if dev["connected"] == true {
+            format!(
+                "connected, features {:#x}, {} queues offered{}",
+                dev["features"].as_u64().unwrap_or(0),
+                dev["queues"],
+                if dev["config_channel"] == true {
+                    ", backend channel"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            "none connected".into()
+        }
+    );
+    println!(
+        "requests:   {} in flight, {} parked, {} completed, {} bad",
+        dev["in_flight"], dev["parked"], dev["completed"], dev["bad_requests"]
+    );
+    println!(
+        "cow:        {} bitmap writes ({} waited), {} syncs, {} epochs, {} reads parked",
+        st["bitmap_writes"],
+        st["bitmap_writes_waited"],
+        st["syncs"],
+        st["epochs"],
+        st["reads_parked"]
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs one subcommand.
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     match args.command {
         Command::Serve(a) => serve(*a),
+        Command::Status { control, json } => status(&control, json),
+        Command::Resize {
+            control,
+            force,
+            size,
+        } => {
+            let bytes = parse_size(&size).ok_or(CliError::Size(size))?;
+            let v = daemon::control::call(
+                &control,
+                &serde_json::json!({"v": 1, "cmd": "resize", "size": bytes, "force": force}),
+            )?;
+            println!(
+                "resized to {} bytes ({} sectors){}",
+                bytes,
+                v["sectors"],
+                if v["notified"] == true {
+                    "; the frontend was told"
+                } else {
+                    "; no frontend channel: the guest sees it when it reconnects"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Create {
             alignment,
             cow,
@@ -171,6 +269,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         threads: a.threads,
         aio: a.aio,
         crash_journal: a.crash_journal,
+        control: a.control,
     })?;
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;
@@ -197,6 +296,23 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
             threads: cfg.threads,
         },
     )?);
-    daemon::run(backend, &cfg.listen, signals)?;
+    daemon::run(backend, &cfg.listen, cfg.control.as_deref(), signals)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes_and_nothing_else() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size("8K"), Some(8192));
+        for bad in ["", "M", "-1", "1.5G", "12Q", "99999999999T"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
 }

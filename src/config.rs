@@ -65,6 +65,8 @@ pub struct ServeConfig {
     pub threads: usize,
     /// Crash journal directory (`None`: off).
     pub crash_journal: Option<PathBuf>,
+    /// Control socket.
+    pub control: Option<PathBuf>,
 }
 
 /// A rejected argument.
@@ -148,6 +150,8 @@ pub struct ServeArgsRaw {
     pub threads: Option<usize>,
     /// --crash-journal
     pub crash_journal: String,
+    /// --control
+    pub control: Option<PathBuf>,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -235,6 +239,7 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             aio,
             threads,
             crash_journal,
+            control: a.control,
         })
     }
 }

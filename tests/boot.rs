@@ -343,6 +343,8 @@ struct Scenario {
     serve_args: Vec<String>,
     /// Leave `--queues` out (the daemon's default).
     default_queues: bool,
+    /// Serve the base image itself as a raw disk instead of the COW.
+    raw: bool,
 }
 
 impl Scenario {
@@ -394,6 +396,7 @@ impl Scenario {
             steps: Vec::new(),
             serve_args: Vec::new(),
             default_queues: false,
+            raw: false,
         };
         sc.note(&format!(
             "work dir {}, seed {}, setup {}",
@@ -429,9 +432,13 @@ impl Scenario {
             .open(self.path.join("vub.log"))
             .unwrap();
         writeln!(log, "===== start {} (queues {queues})", self.starts).unwrap();
-        let mut b = DaemonBuilder::new(&self.path)
-            .name("vub")
-            .cow(&self.cow, None)
+        let b = DaemonBuilder::new(&self.path).name("vub");
+        let b = if self.raw {
+            b.raw(&self.base)
+        } else {
+            b.cow(&self.cow, None)
+        };
+        let mut b = b
             .args(&self.serve_args)
             .default_rust_log("debug")
             .append_log()
@@ -1133,6 +1140,88 @@ fn negative_control_fio_verify_fails_without_the_crash_journal() {
         .unwrap_or_default()
         .to_owned();
     sc.note(&format!("without the journal, as expected: {line}"));
+    let _ = sigterm(daemon);
+    drop(sc);
+}
+
+/// Live resize (issue 12, item 5): the host grows a raw disk through the
+/// daemon's control socket while the guest runs; the daemon sends
+/// CONFIG_CHANGE_MSG, QEMU re-reads the config space and the guest sees the
+/// new capacity in /sys/block/vda/size at once, then writes and reads the
+/// new tail. The host finds the guest's bytes at the new end of the file.
+#[test]
+fn a_raw_disk_grows_while_the_guest_runs() {
+    let mut sc = Scenario::new("resize");
+    sc.raw = true;
+    let control = sc.path.join("control.sock");
+    sc.serve_args = vec!["--control".into(), control.display().to_string()];
+    let daemon = sc.start_daemon(1);
+    let serial = sc.serial_log("resize");
+    let out_path = sc.path.join("resize.out");
+    let out = File::create(&out_path).unwrap();
+    let child = sc
+        .vm_cmd("resize", 1, &["--timeout", "120"], "")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("run vm-images/run-vm.sh");
+    let mut vm = Vm(child);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("VUB: resize-wait")
+    {
+        assert!(
+            vm.0.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "the guest never waited for the resize\n{}{}",
+            tail(&out_path, 30),
+            tail(&serial, 30)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let new_size = BASE_SIZE + 8 * MIB;
+    let t = Instant::now();
+    let r = Command::new(BINARY)
+        .args(["resize", "--control"])
+        .arg(&control)
+        .arg(new_size.to_string())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "resize: {said}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(said.contains("the frontend was told"), "{said}");
+    let st = wait_timeout(&mut vm.0, Duration::from_secs(150)).expect("run-vm.sh hung");
+    drop(vm);
+    let boot = Boot {
+        status: st,
+        out: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        serial: std::fs::read_to_string(&serial).unwrap_or_default(),
+        wall: t.elapsed(),
+    };
+    sc.check_boot(&boot, "resize", Some(&daemon));
+    let f = boot.fields("VUB: resized ");
+    assert_eq!(
+        f.get("to").map(String::as_str),
+        Some((new_size / 512).to_string().as_str()),
+        "the guest's new size: {f:?}"
+    );
+    sc.note(&format!(
+        "the guest saw {} sectors {} after the resize command",
+        new_size / 512,
+        f.get("after").map_or("?", String::as_str)
+    ));
+    assert!(boot.has("VUB: resize-ok"), "{}", boot.out);
+    let bytes = std::fs::read(&sc.base).unwrap();
+    assert_eq!(bytes.len() as u64, new_size, "the file's new length");
+    let want = pattern(&format!("GUESTRESIZE-{}", sc.seed), 4096);
+    assert!(
+        bytes[bytes.len() - 4096..] == want[..],
+        "the guest's write is not at the new end of the file"
+    );
     let _ = sigterm(daemon);
     drop(sc);
 }

@@ -27,6 +27,7 @@ use crate::{
     },
 };
 
+pub mod control;
 mod signals;
 mod socket;
 
@@ -79,6 +80,14 @@ pub enum DaemonError {
         /// Who holds it ("pid N", as far as the lock file says).
         holder: String,
     },
+    /// The control socket cannot be served.
+    #[error("control socket {path}: {reason}")]
+    Control {
+        /// The socket path.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// The socket's lock file cannot be used.
     #[error("cannot lock {lock} (the lock file of socket {socket}): {source}")]
     SocketLock {
@@ -96,12 +105,16 @@ pub enum DaemonError {
 pub fn run(
     backend: Arc<BlkBackend>,
     listen: &ListenOn,
+    control: Option<&std::path::Path>,
     signals: Signals,
 ) -> Result<(), DaemonError> {
     let mut listener = match listen {
         ListenOn::Path(p) => Listener::bind(p)?,
         ListenOn::Fd(fd) => Listener::from_owned(socket::adopt_listening_fd(*fd)?),
     };
+    let _control = control
+        .map(|p| control::Control::start(p, backend.clone()))
+        .transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let disconnect = Disconnect::default();
     {

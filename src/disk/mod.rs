@@ -82,6 +82,14 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    /// A resize that this disk refuses, or that failed.
+    #[error("cannot resize {path}: {reason}")]
+    Resize {
+        /// The disk's file.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// Persisting state at shutdown failed.
     #[error("cannot persist {path}: {source}")]
     Persist {
@@ -260,6 +268,18 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
     /// Counters.
     fn stats(&self) -> DiskStats {
         DiskStats::default()
+    }
+    /// Changes the device size to `sectors`: the file first, then the live
+    /// size ([`DiskSize`]). Shrinking takes `force` (the guest may still
+    /// address what is cut off); `drain` is called between lowering the
+    /// live size and cutting the file, so that no request admitted under
+    /// the old size is still in flight when the file is cut.
+    fn resize(&self, sectors: u64, force: bool, drain: &dyn Fn()) -> Result<(), DiskError> {
+        let _ = (sectors, force, drain);
+        Err(DiskError::Resize {
+            path: self.info().path.clone(),
+            reason: format!("a {} disk cannot be resized", self.info().kind),
+        })
     }
 }
 

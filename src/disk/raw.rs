@@ -137,6 +137,52 @@ impl Disk for RawDisk {
         self.shared.writeback.load(Ordering::Relaxed)
     }
 
+    fn resize(&self, sectors: u64, force: bool, drain: &dyn Fn()) -> Result<(), DiskError> {
+        let s = &self.shared;
+        let err = |reason: String| DiskError::Resize {
+            path: s.info.path.clone(),
+            reason,
+        };
+        if s.info.readonly {
+            return Err(err("it is served read-only".into()));
+        }
+        let old = s.info.sectors();
+        let bytes = super::sectors_to_bytes(sectors)
+            .filter(|_| sectors > 0)
+            .ok_or_else(|| err(format!("{sectors} sectors is not a size")))?;
+        if sectors < old && !force {
+            return Err(err(format!(
+                "shrinking from {old} to {sectors} sectors cuts off data the guest may still \
+                 address (a partition or file system reaching the end); shrink the guest's use \
+                 first and pass --force"
+            )));
+        }
+        let set_len = |b: u64| {
+            s.file
+                .set_len(b)
+                .and_then(|()| s.file.sync_all())
+                .map_err(|e| err(format!("cannot set the file's length to {b}: {e}")))
+        };
+        if sectors >= old {
+            set_len(bytes)?;
+            s.info.size.set(sectors);
+        } else {
+            // New requests past the new end are refused from here on; the
+            // ones admitted before land before the file is cut.
+            s.info.size.set(sectors);
+            drain();
+            if let Err(e) = set_len(bytes) {
+                s.info.size.set(old);
+                return Err(e);
+            }
+        }
+        log::info!(
+            "{}: resized from {old} to {sectors} sectors ({bytes} bytes)",
+            s.info.path.display()
+        );
+        Ok(())
+    }
+
     fn shutdown(&self) -> Result<(), DiskError> {
         let s = &self.shared;
         s.closed.store(true, Ordering::Relaxed);

@@ -168,6 +168,34 @@ pub fn adopt_listening_socket(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The user id of the process at the other end of a UNIX socket
+/// (`SO_PEERCRED`, taken when it connected).
+pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: `ucred` is a plain C struct for which all-zero is valid.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(12);
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
 /// Shuts a socket down both ways (wakes a thread blocked in `accept`).
 pub fn shutdown_socket(fd: RawFd) {
     // SAFETY: shutdown takes no memory; on a descriptor that is not a

@@ -87,6 +87,11 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        self.set_channel(backend);
     }
 
     fn reset_device(&self) {
@@ -218,6 +223,7 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             log::debug!("queue {queue}: event {evset:?}");
         }
+        self.announce_pending();
         let mut w = lock(worker);
         if disk {
             self.reap(&mut w, vring);

@@ -100,8 +100,37 @@ pub struct BlkBackend {
     stopping: AtomicBool,
     /// SET_FEATURES seen on this connection.
     negotiated: AtomicBool,
+    /// The backend-to-frontend channel of this connection (config change
+    /// notifications), when the frontend set one up.
+    channel: Mutex<Option<vhost::vhost_user::Backend>>,
+    /// The disk was resized during this daemon's life: a new frontend is
+    /// told (QEMU does not read the config space again on reconnect).
+    resized: AtomicBool,
+    /// A config change notification waits for the rings to run.
+    announce: AtomicBool,
     /// Counters.
     pub stats: BackendStats,
+}
+
+/// What the control socket's `status` reports about the device.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceStatus {
+    /// A frontend negotiated features on the current connection.
+    pub connected: bool,
+    /// Virtio features acked by the frontend (0 before SET_FEATURES).
+    pub features: u64,
+    /// Queues offered.
+    pub queues: usize,
+    /// Requests popped and not yet completed to the guest.
+    pub in_flight: usize,
+    /// Reads parked for a bitmap write (R4).
+    pub parked: usize,
+    /// The frontend set up the backend channel (resize notifications).
+    pub config_channel: bool,
+    /// Requests completed since start.
+    pub completed: u64,
+    /// Requests answered IOERR or UNSUPP since start.
+    pub bad_requests: u64,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -165,6 +194,9 @@ impl BlkBackend {
             wce: AtomicBool::new(wce),
             stopping: AtomicBool::new(false),
             negotiated: AtomicBool::new(false),
+            channel: Mutex::new(None),
+            resized: AtomicBool::new(false),
+            announce: AtomicBool::new(false),
             stats: BackendStats::default(),
         })
     }
@@ -216,6 +248,11 @@ impl BlkBackend {
             .mem
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.announce.store(false, Ordering::Release);
         self.event_idx.store(false, Ordering::Release);
         self.acked.store(0, Ordering::Release);
         self.wce.store(!self.cfg.writethrough, Ordering::Release);
@@ -240,6 +277,105 @@ impl BlkBackend {
     /// Requests in flight on all queues.
     pub fn in_flight(&self) -> usize {
         self.workers.iter().map(|w| lock(w).slots.len()).sum()
+    }
+
+    /// Waits (up to `timeout`) until no request is in flight on any queue,
+    /// without stopping new ones; false if some still were.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.workers.iter().all(idle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The device as the control socket reports it.
+    pub fn status(&self) -> DeviceStatus {
+        let (mut in_flight, mut parked) = (0, 0);
+        for w in &self.workers {
+            let w = lock(w);
+            in_flight += w.slots.len();
+            parked += w.parked.len();
+        }
+        DeviceStatus {
+            connected: self.negotiated.load(Ordering::Acquire),
+            features: self.acked.load(Ordering::Acquire),
+            queues: self.cfg.queues,
+            in_flight,
+            parked,
+            config_channel: self
+                .channel
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some(),
+            completed: self.stats.completed.load(Ordering::Relaxed),
+            bad_requests: self.stats.bad_requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The config space changed (the disk was resized): tells the frontend
+    /// now if it can hear it, and every later frontend once its rings run.
+    /// Returns whether a notification went out now.
+    pub fn config_changed(&self) -> bool {
+        self.resized.store(true, Ordering::Release);
+        self.notify_config()
+    }
+
+    /// Sends CONFIG_CHANGE_MSG on the backend channel, if there is one
+    /// (fire and forget: the frontend answers with GET_CONFIG).
+    fn notify_config(&self) -> bool {
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        let ch = self
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match ch {
+            Some(ch) => match ch.handle_config_change() {
+                Ok(_) => {
+                    log::info!("told the frontend that the config space changed");
+                    true
+                }
+                Err(e) => {
+                    log::warn!("cannot send CONFIG_CHANGE_MSG to the frontend: {e}");
+                    false
+                }
+            },
+            None => {
+                log::info!(
+                    "the frontend has no backend channel (libblkio, some cloud-hypervisor \
+                     versions): the guest sees the new size when it reconnects or reloads its driver"
+                );
+                false
+            }
+        }
+    }
+
+    /// The frontend's backend channel (SET_BACKEND_REQ_FD).
+    fn set_channel(&self, ch: vhost::vhost_user::Backend) {
+        // Fire and forget, as libvhost-user does: with REPLY_ACK the
+        // frontend answers only after its own GET_CONFIG round trip.
+        ch.set_reply_ack_flag(false);
+        *self
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ch);
+        if self.resized.load(Ordering::Acquire) {
+            self.announce.store(true, Ordering::Release);
+        }
+    }
+
+    /// Called when a queue runs: sends a notification a resize left for
+    /// this connection.
+    fn announce_pending(&self) {
+        if self.announce.load(Ordering::Relaxed) && self.announce.swap(false, Ordering::AcqRel) {
+            self.notify_config();
+        }
     }
 
     fn writeback_for(&self, acked: u64) -> bool {

@@ -190,6 +190,19 @@ impl Disk for CowDisk {
         }
     }
 
+    fn resize(&self, _sectors: u64, _force: bool, _drain: &dyn Fn()) -> Result<(), DiskError> {
+        Err(DiskError::Resize {
+            path: self.shared.info.path.clone(),
+            reason: format!(
+                "a UML COW file has the size of its backing file ({}): the header records that \
+                 size and the backing's mtime, and uml_moo and UML rely on both. To grow the \
+                 disk, merge it (uml_moo), resize the merged image and serve it as --raw, or \
+                 make a new COW over a resized copy of the base",
+                self.shared.file.backing_path.display()
+            ),
+        })
+    }
+
     fn shutdown(&self) -> Result<(), DiskError> {
         let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
             return Ok(());
