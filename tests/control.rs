@@ -261,3 +261,84 @@ fn hostile_control_clients_are_answered_and_survived() {
     drop(c);
     assert!(d.terminate().success());
 }
+
+/// Counts CONFIG_CHANGE_MSGs received on a frontend's backend channel.
+#[derive(Default)]
+struct ConfigChanges(std::sync::atomic::AtomicUsize);
+
+impl vhost::vhost_user::VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> vhost::vhost_user::HandlerResult<u64> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
+/// Gives `s` a backend channel; returns the change counter (a thread
+/// serves the channel until the daemon closes it).
+fn backend_channel(s: &mut common::frontend::Session) -> std::sync::Arc<ConfigChanges> {
+    use vhost::vhost_user::{FrontendReqHandler, VhostUserFrontend};
+    let seen = std::sync::Arc::new(ConfigChanges::default());
+    let mut h = FrontendReqHandler::new(seen.clone()).unwrap();
+    s.fe.set_backend_request_fd(&h.get_tx_raw_fd()).unwrap();
+    std::thread::spawn(move || while h.handle_request().is_ok() {});
+    seen
+}
+
+fn wait_count(c: &ConfigChanges, n: usize) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if c.0.load(std::sync::atomic::Ordering::SeqCst) >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// The capacity field of the config space, as a frontend reads it.
+fn capacity(s: &mut common::frontend::Session) -> u64 {
+    use vhost::vhost_user::{message::VhostUserConfigFlags, VhostUserFrontend};
+    let (_, payload) =
+        s.fe.get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+            .unwrap();
+    u64::from_le_bytes(payload[..8].try_into().unwrap())
+}
+
+/// A resize is told to the frontend on its backend channel at once
+/// (CONFIG_CHANGE_MSG, then GET_CONFIG shows the new capacity), and again
+/// to a frontend that connects later, once its rings run: QEMU does not
+/// read the config space again on reconnect.
+#[test]
+fn resize_is_announced_now_and_to_the_next_frontend() {
+    use common::frontend::{pattern, Daemon as FeDaemon, Opts, Session};
+    let ctl = tempfile::tempdir().unwrap();
+    let control = ctl.path().join("control.sock");
+    let d = FeDaemon::start(&["--control", control.to_str().unwrap()]);
+    let mut s = Session::open(&d, &Opts::default());
+    let seen = backend_channel(&mut s);
+    let before = capacity(&mut s);
+    let (ok, out) = cli(&["resize", "2M"], &control);
+    assert!(ok && out.contains("the frontend was told"), "{out}");
+    assert!(wait_count(&seen, 1), "no CONFIG_CHANGE_MSG\n{}", d.log());
+    assert_eq!(
+        (before, capacity(&mut s)),
+        (2048, 4096),
+        "capacity before and after"
+    );
+    s.check_write(4000, &pattern(3, 4096));
+    s.check_read(4000, &pattern(3, 4096));
+    drop(s);
+    let mut s = Session::open(&d, &Opts::default());
+    let seen = backend_channel(&mut s);
+    // The announcement waits for the rings to run: the next request.
+    s.check_read(4000, &pattern(3, 4096));
+    assert!(
+        wait_count(&seen, 1),
+        "the next frontend was not told\n{}",
+        d.log()
+    );
+    assert_eq!(capacity(&mut s), 4096);
+    drop(s);
+    let (st, log) = d.stop();
+    assert!(st.success(), "{st}\n{log}");
+}

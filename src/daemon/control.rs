@@ -221,9 +221,11 @@ fn answer(line: &[u8], shared: &Shared) -> Value {
     let backend = shared.backend.as_ref();
     let req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
-        Err(e) => return error(format!(
+        Err(e) => {
+            return error(format!(
             "bad request ({e}); send one JSON object per line, e.g. {{\"v\":1,\"cmd\":\"status\"}}"
-        )),
+        ))
+        }
     };
     let v = match req {
         Request::Status { v } | Request::Resize { v, .. } => v,
