@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -104,6 +104,34 @@ pub trait VhostUserBackend: Send + Sync {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             "back end does not support get shared object",
+        ))
+    }
+
+    /// Allocate the shared buffer for inflight I/O tracking
+    /// (`VHOST_USER_GET_INFLIGHT_FD`), laid out for `inflight.num_queues`
+    /// queues of `inflight.queue_size` descriptors, and return its
+    /// description with the file. Only called when the backend offers
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`.
+    ///
+    /// This function returns a `Result`, returning an error if the backend does not implement this
+    /// function.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking buffer the frontend hands over
+    /// (`VHOST_USER_SET_INFLIGHT_FD`): the one of `get_inflight_fd`, kept by
+    /// the frontend across back-end restarts.
+    ///
+    /// This function returns a `Result`, returning an error if the backend does not implement this
+    /// function.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
         ))
     }
 
@@ -266,6 +294,37 @@ pub trait VhostUserBackendMut: Send + Sync {
         ))
     }
 
+    /// Allocate the shared buffer for inflight I/O tracking
+    /// (`VHOST_USER_GET_INFLIGHT_FD`), laid out for `inflight.num_queues`
+    /// queues of `inflight.queue_size` descriptors, and return its
+    /// description with the file. Only called when the backend offers
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`.
+    ///
+    /// This function returns a `Result`, returning an error if the backend does not implement this
+    /// function.
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking buffer the frontend hands over
+    /// (`VHOST_USER_SET_INFLIGHT_FD`): the one of `get_inflight_fd`, kept by
+    /// the frontend across back-end restarts.
+    ///
+    /// This function returns a `Result`, returning an error if the backend does not implement this
+    /// function.
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
     /// Set handler for communicating with the frontend by the gpu specific backend communication
     /// channel.
     ///
@@ -408,6 +467,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().get_shared_object(uuid)
     }
 
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> Result<()> {
         self.deref().set_gpu_socket(gpu_backend)
     }
@@ -503,6 +570,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn get_shared_object(&self, uuid: VhostUserSharedMsg) -> Result<File> {
         self.lock().unwrap().get_shared_object(uuid)
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
     }
 
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> Result<()> {
@@ -603,6 +678,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn get_shared_object(&self, uuid: VhostUserSharedMsg) -> Result<File> {
         self.write().unwrap().get_shared_object(uuid)
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
     }
 
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> Result<()> {
