@@ -136,6 +136,13 @@ pub struct ServeArgs {
     /// file system with birth times (tmpfs, ext4, xfs, btrfs).
     #[arg(long, default_value = "/dev/shm", value_name = "DIR|off")]
     pub crash_journal: String,
+    /// Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), offered
+    /// to frontends that take it (QEMU, cloud-hypervisor): a restarted
+    /// daemon completes every request exactly once, and requests complete
+    /// out of order. `off`: in pop order, which QEMU's rewind to the used
+    /// index makes safe without it (not cloud-hypervisor's rewind).
+    #[arg(long, default_value = "on", value_name = "on|off")]
+    pub inflight: String,
     /// Control socket (status, resize; README "Control socket"), private
     /// to the daemon's user.
     #[arg(long, value_name = "PATH")]

@@ -270,6 +270,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         aio: a.aio,
         crash_journal: a.crash_journal,
         control: a.control,
+        inflight: a.inflight,
     })?;
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;
@@ -294,6 +295,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
             serial,
             writethrough: cfg.writethrough,
             threads: cfg.threads,
+            inflight: cfg.inflight,
         },
     )?);
     daemon::run(backend, &cfg.listen, cfg.control.as_deref(), signals)?;

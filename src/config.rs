@@ -67,6 +67,8 @@ pub struct ServeConfig {
     pub crash_journal: Option<PathBuf>,
     /// Control socket.
     pub control: Option<PathBuf>,
+    /// Offer inflight I/O tracking.
+    pub inflight: bool,
 }
 
 /// A rejected argument.
@@ -99,6 +101,9 @@ pub enum ConfigError {
     /// Unknown AIO mode.
     #[error("--aio {0}: must be 'native' or 'io_uring'")]
     Aio(String),
+    /// Bad --inflight.
+    #[error("--inflight {0}: must be 'on' or 'off'")]
+    Inflight(String),
     /// The COW does not exist and no backing was given.
     #[error("COW file {0} does not exist: give --backing FILE to create it")]
     NoCow(PathBuf),
@@ -152,6 +157,8 @@ pub struct ServeArgsRaw {
     pub crash_journal: String,
     /// --control
     pub control: Option<PathBuf>,
+    /// --inflight
+    pub inflight: String,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -205,6 +212,11 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             "io_uring" => AioMode::IoUring,
             other => return Err(ConfigError::Aio(other.into())),
         };
+        let inflight = match a.inflight.as_str() {
+            "on" => true,
+            "off" => false,
+            other => return Err(ConfigError::Inflight(other.into())),
+        };
         if a.checkpoint_extents == 0 || a.checkpoint_ms == 0 {
             return Err(ConfigError::Checkpoint);
         }
@@ -240,6 +252,7 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             threads,
             crash_journal,
             control: a.control,
+            inflight,
         })
     }
 }
@@ -301,6 +314,7 @@ mod tests {
             checkpoint_extents: 10,
             checkpoint_ms: 10,
             crash_journal: "off".into(),
+            inflight: "on".into(),
             ..ServeArgsRaw::default()
         }
     }

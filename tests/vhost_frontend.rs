@@ -71,24 +71,33 @@ fn expected_features(readonly: bool, writethrough: bool) -> u64 {
     f
 }
 
-fn expected_protocol() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::CONFIG
+fn expected_protocol(inflight: bool) -> VhostUserProtocolFeatures {
+    let f = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ;
+    if inflight {
+        f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    } else {
+        f
+    }
 }
 
 /// Offered features of a freshly started daemon; checks the protocol
 /// features and GET_QUEUE_NUM on the way.
 fn offered(d: &Daemon, queues: u64) -> u64 {
+    offered_with(d, queues, true)
+}
+
+fn offered_with(d: &Daemon, queues: u64, inflight: bool) -> u64 {
     let mut fe = d.connect(queues);
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
     let proto = fe.get_protocol_features().unwrap();
-    assert_eq!(proto, expected_protocol(), "protocol features");
-    assert!(!proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    assert_eq!(proto, expected_protocol(inflight), "protocol features");
     assert!(!proto.contains(VhostUserProtocolFeatures::STATUS));
     fe.set_protocol_features(proto).unwrap();
     assert_eq!(fe.get_queue_num().unwrap(), queues, "GET_QUEUE_NUM");
@@ -139,6 +148,13 @@ fn negotiation_features_protocol_and_queue_count() {
     let d = Daemon::start(&["--writethrough", "--queues", "16"]);
     let _wd = d.watchdog(WATCHDOG);
     assert_features(offered(&d, 16), expected_features(false, true));
+    stop_ok(&d);
+
+    // --inflight off: INFLIGHT_SHMFD is not offered (requests complete in
+    // pop order).
+    let d = Daemon::start(&["--inflight", "off"]);
+    let _wd = d.watchdog(WATCHDOG);
+    assert_features(offered_with(&d, 16, false), expected_features(false, false));
     stop_ok(&d);
 }
 

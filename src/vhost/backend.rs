@@ -4,12 +4,15 @@
 //! the module that owns it.
 
 use std::{
+    fs::File,
     io,
-    sync::atomic::Ordering,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::{
     virtio_blk::{
@@ -28,7 +31,9 @@ use vmm_sys_util::{
 
 use super::{
     config_space::{config_offset, CONFIG_WCE_OFFSET},
-    disk_event_id, idle, lock,
+    disk_event_id, idle,
+    inflight::InflightRegion,
+    lock,
     memory::check_regions,
     BlkBackend, Gm, Vring,
 };
@@ -82,12 +87,67 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let f = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::BACKEND_REQ;
+        if self.cfg.inflight {
+            f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            f
+        }
+    }
+
+    fn get_inflight_fd(&self, req: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        if !self.cfg.inflight {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "inflight tracking is off (--inflight off)",
+            ));
+        }
+        let file = InflightRegion::create(req.num_queues, req.queue_size)?;
+        let size = file.metadata()?.len();
+        log::info!(
+            "inflight region allocated: {} queues of {} descriptors, {size} bytes",
+            req.num_queues,
+            req.queue_size
+        );
+        Ok((
+            VhostUserInflight::new(size, 0, req.num_queues, req.queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> io::Result<()> {
+        if !self.cfg.inflight {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "inflight tracking is off (--inflight off)",
+            ));
+        }
+        let region = Arc::new(
+            InflightRegion::map(
+                &file,
+                inflight.mmap_size,
+                inflight.mmap_offset,
+                inflight.num_queues,
+                inflight.queue_size,
+            )
+            .inspect_err(|e| log::error!("inflight region refused: {e}"))?,
+        );
+        for (q, w) in self.workers.iter().enumerate() {
+            let mut w = lock(w);
+            w.inflight = region.queue(q);
+            w.recover = w.inflight.is_some();
+        }
+        log::debug!(
+            "inflight region set: {} queues of {}",
+            inflight.num_queues,
+            inflight.queue_size
+        );
+        Ok(())
     }
 
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {

@@ -40,6 +40,7 @@ use crate::disk::Disk;
 mod backend;
 mod config_space;
 pub mod connection;
+mod inflight;
 mod memory;
 mod worker;
 
@@ -75,6 +76,8 @@ pub struct BlkConfig {
     pub writethrough: bool,
     /// Worker threads; queue `q` is served by thread `q % threads`.
     pub threads: usize,
+    /// Offer inflight I/O tracking (requests then complete out of order).
+    pub inflight: bool,
 }
 
 /// Counters for logs and tests.
@@ -180,6 +183,9 @@ impl BlkBackend {
                     window: Instant::now(),
                     count: 0,
                 },
+                inflight: None,
+                counter: 1,
+                recover: false,
             }));
         }
         let wce = !cfg.writethrough;

@@ -20,7 +20,11 @@ use crate::{
     disk::{Completion, DiskQueue, IoVecs, Op, Request, Submitted},
 };
 
-use super::{memory::iovecs, BlkBackend, Mem, Vring};
+use super::{
+    inflight::QueueInflight,
+    memory::{chain_at, iovecs},
+    BlkBackend, Mem, Vring,
+};
 
 /// Rate limiter for guest-triggered log lines.
 #[derive(Debug)]
@@ -59,6 +63,9 @@ pub(super) struct Slot {
     /// The guest memory its status byte is written to (the disk operations
     /// own the mapping their iovecs point into themselves).
     mem: Arc<Mem>,
+    /// Published on the used ring (it leaves `slots` once every earlier
+    /// one has too).
+    answered: bool,
 }
 
 /// Per-queue state, owned by that queue's epoll thread.
@@ -77,6 +84,12 @@ pub(super) struct Worker {
     pub(super) parked: VecDeque<Request>,
     pub(super) done: Vec<Completion>,
     pub(super) limit: RateLimit,
+    /// This queue's inflight region, when the frontend set one up.
+    pub(super) inflight: Option<QueueInflight>,
+    /// The next inflight counter.
+    pub(super) counter: u64,
+    /// Resubmit the heads the region says are in flight before popping.
+    pub(super) recover: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -125,6 +138,10 @@ impl Worker {
         self.slots.clear();
         self.base_seq = self.next_seq;
         self.broken = false;
+        // Requests forgotten here stay marked in the inflight region (they
+        // never reached the used ring): the next start resubmits them.
+        self.inflight = None;
+        self.recover = false;
     }
 }
 
@@ -141,8 +158,71 @@ impl BlkBackend {
         );
     }
 
+    /// At the first kick after a ring (re)start with an inflight region:
+    /// resubmits the heads it says are in flight, oldest first, and
+    /// restarts the ring after them (`used->idx + in flight`), overriding
+    /// SET_VRING_BASE (QEMU sends the used index, cloud-hypervisor the
+    /// available one).
+    fn recover_inflight(&self, w: &mut Worker, vring: &Vring) {
+        if !w.recover {
+            return;
+        }
+        let Some(mem) = self.memory() else {
+            return;
+        };
+        let (ready, size, table, used) = {
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            (
+                q.ready(),
+                q.size(),
+                q.desc_table(),
+                q.used_idx(mem.as_ref(), Ordering::Acquire),
+            )
+        };
+        if !ready {
+            return;
+        }
+        w.recover = false;
+        let Some(qi) = w.inflight.clone() else {
+            return;
+        };
+        let used = match used {
+            Ok(u) => u.0,
+            Err(e) => {
+                self.ring_broken(w, &format!("its used index cannot be read ({e})"));
+                return;
+            }
+        };
+        let (heads, next) = qi.recover(used, size);
+        w.counter = next;
+        let inuse = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+        let base = used.wrapping_add(inuse);
+        vring.set_queue_next_used(used);
+        vring.set_queue_next_avail(base);
+        if heads.is_empty() {
+            return;
+        }
+        log::info!(
+            "queue {}: inflight tracking: resubmitting {} requests the previous daemon did not \
+             complete (heads {heads:?}); the ring restarts at {base}",
+            w.index,
+            heads.len()
+        );
+        for head in heads {
+            match chain_at(&mem, GuestAddress(table), size, head) {
+                Ok(descs) => self.start(w, head, &descs, &mem),
+                Err(why) => {
+                    self.bad(w, head, &format!("inflight head {head}: {why}"));
+                    self.start(w, head, &[], &mem);
+                }
+            }
+        }
+    }
+
     /// Pops and starts every available request.
     pub(super) fn process_queue(&self, w: &mut Worker, vring: &Vring) {
+        self.recover_inflight(w, vring);
         let event_idx = self.event_idx.load(Ordering::Acquire);
         loop {
             if event_idx {
@@ -220,6 +300,11 @@ impl BlkBackend {
                 break true;
             };
             let head = chain.head_index();
+            // Before anything else happens to it (inflight tracking).
+            if let Some(qi) = &w.inflight {
+                qi.begin(head, w.counter);
+                w.counter = w.counter.wrapping_add(1);
+            }
             let descs: Vec<(GuestAddress, u32, bool)> = chain
                 .map(|d| (d.addr(), d.len(), d.is_write_only()))
                 .collect();
@@ -247,6 +332,7 @@ impl BlkBackend {
             status: None,
             data_in: 0,
             mem: mem.clone(),
+            answered: false,
         });
         let req = match blk::parse(descs.iter().copied(), mem.as_ref()) {
             Ok(r) => r,
@@ -388,27 +474,28 @@ impl BlkBackend {
         }
     }
 
+    /// Publishes finished requests: in pop order, or, with inflight
+    /// tracking (a crash cannot lose or repeat one then), each as soon as
+    /// it finished.
     fn complete_in_order(&self, w: &mut Worker, vring: &Vring) {
         let mut any = false;
-        while w.slots.front().is_some_and(|s| s.status.is_some()) {
-            let Some(s) = w.slots.pop_front() else {
-                break;
-            };
-            w.base_seq += 1;
-            let used_len = match (s.status_addr, s.status) {
-                (Some(addr), Some(st)) => {
-                    if s.mem.write_obj(st, addr).is_err() {
-                        log::warn!("status byte outside guest memory");
-                    }
-                    s.data_in.saturating_add(1)
-                }
-                _ => 0,
-            };
-            if let Err(e) = vring.add_used(s.head, used_len) {
-                log::error!("cannot add descriptor {} to the used ring: {e}", s.head);
+        let out_of_order = w.inflight.is_some();
+        for s in &mut w.slots {
+            if s.answered {
+                continue;
             }
-            self.stats.completed.fetch_add(1, Ordering::Relaxed);
+            if s.status.is_none() {
+                if out_of_order {
+                    continue;
+                }
+                break;
+            }
+            self.put(s, w.inflight.as_ref(), vring);
             any = true;
+        }
+        while w.slots.front().is_some_and(|s| s.answered) {
+            w.slots.pop_front();
+            w.base_seq += 1;
         }
         if any {
             let notify = if self.event_idx.load(Ordering::Acquire) {
@@ -433,6 +520,33 @@ impl BlkBackend {
                 }
             }
         }
+    }
+}
+
+impl BlkBackend {
+    /// Writes a finished request's status and publishes it on the used
+    /// ring (between the inflight region's two marks).
+    fn put(&self, s: &mut Slot, inflight: Option<&QueueInflight>, vring: &Vring) {
+        s.answered = true;
+        let used_len = match (s.status_addr, s.status) {
+            (Some(addr), Some(st)) => {
+                if s.mem.write_obj(st, addr).is_err() {
+                    log::warn!("status byte outside guest memory");
+                }
+                s.data_in.saturating_add(1)
+            }
+            _ => 0,
+        };
+        if let Some(qi) = inflight {
+            qi.pre_put(s.head);
+        }
+        if let Err(e) = vring.add_used(s.head, used_len) {
+            log::error!("cannot add descriptor {} to the used ring: {e}", s.head);
+        }
+        if let Some(qi) = inflight {
+            qi.post_put(s.head, vring.get_ref().get_queue().next_used());
+        }
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -60,6 +60,7 @@ impl Rig {
                 serial: "unit-serial".into(),
                 writethrough: false,
                 threads: 1,
+                inflight: false,
             },
         )
         .unwrap();
