@@ -74,6 +74,7 @@ pub struct DaemonBuilder {
     deadline: Option<Duration>,
     append_log: bool,
     die_with_parent: bool,
+    envs: Vec<(String, String)>,
 }
 
 impl DaemonBuilder {
@@ -88,7 +89,15 @@ impl DaemonBuilder {
             deadline: Some(DEFAULT_DEADLINE),
             append_log: false,
             die_with_parent: false,
+            envs: Vec::new(),
         }
+    }
+
+    /// An environment variable for the daemon (the test hooks of
+    /// `engine::hooks`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
     }
 
     /// Base name of the socket and log files (for several daemons in one
@@ -213,6 +222,7 @@ impl DaemonBuilder {
             std::fs::create_dir_all(&j).unwrap_or_else(|e| panic!("{}: {e}", j.display()));
             cmd.arg("--crash-journal").arg(&j);
         }
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
