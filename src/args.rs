@@ -147,6 +147,10 @@ pub struct ServeArgs {
     /// to the daemon's user.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Test hook (negative controls only): complete requests out of order
+    /// even without inflight tracking, which a daemon crash then punishes.
+    #[arg(long, hide = true)]
+    pub test_out_of_order: bool,
     /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
     #[arg(long, default_value_t = 0, hide = true)]
     pub test_bitmap_delay_ms: u64,

@@ -271,6 +271,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         crash_journal: a.crash_journal,
         control: a.control,
         inflight: a.inflight,
+        out_of_order: a.test_out_of_order,
     })?;
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;
@@ -296,6 +297,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
             writethrough: cfg.writethrough,
             threads: cfg.threads,
             inflight: cfg.inflight,
+            out_of_order: cfg.out_of_order,
         },
     )?);
     daemon::run(backend, &cfg.listen, cfg.control.as_deref(), signals)?;

@@ -69,6 +69,8 @@ pub struct ServeConfig {
     pub control: Option<PathBuf>,
     /// Offer inflight I/O tracking.
     pub inflight: bool,
+    /// Test hook: out-of-order completion without inflight tracking.
+    pub out_of_order: bool,
 }
 
 /// A rejected argument.
@@ -159,6 +161,8 @@ pub struct ServeArgsRaw {
     pub control: Option<PathBuf>,
     /// --inflight
     pub inflight: String,
+    /// --test-out-of-order
+    pub out_of_order: bool,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -253,6 +257,7 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             crash_journal,
             control: a.control,
             inflight,
+            out_of_order: a.out_of_order,
         })
     }
 }

@@ -42,7 +42,7 @@ fn a_write_held_across_a_disconnect_lands_from_memory_that_stays_mapped() {
             .add_chain(&s.gm, &[Desc::r(h, 16), Desc::r(buf, 4096), Desc::w(st, 1)]);
         s.ring.kick(&s.gm);
         assert!(
-            d.wait_for_log("test hook: the first 1 writes are held", TIMEOUT),
+            d.wait_for_log("test hook: writes held 1500 ms", TIMEOUT),
             "{}",
             d.log()
         );

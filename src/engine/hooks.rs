@@ -5,7 +5,7 @@
 //!
 //! - `VHOST_USER_UBD_TEST_HOLD_WRITES=N:MS`: the first `N` writes of the
 //!   process wait `MS` ms before they reach the kernel (their memory owned
-//!   by the op meanwhile).
+//!   by the op meanwhile); `%K:MS`: every `K`-th write does.
 //! - `VHOST_USER_UBD_TEST_DRAIN_REPORT_MS`: how often a drain that waits for
 //!   requests still in flight says so (default 60 s).
 
@@ -24,24 +24,46 @@ fn millis(var: &str) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
+/// Which writes the hold hook holds.
+#[derive(Debug)]
+enum Hold {
+    /// The first `n` writes (a counter of those left).
+    First(AtomicU64),
+    /// Every `k`-th write (a counter of writes seen).
+    Every(u64, AtomicU64),
+}
+
 /// How long the write about to be pushed is held back (test hook), if at
 /// all.
 pub fn hold_write() -> Option<Duration> {
-    static HOLD: OnceLock<Option<(AtomicU64, Duration)>> = OnceLock::new();
-    let (left, ms) = HOLD
+    static HOLD: OnceLock<Option<(Hold, Duration)>> = OnceLock::new();
+    let (which, ms) = HOLD
         .get_or_init(|| {
             let v = std::env::var("VHOST_USER_UBD_TEST_HOLD_WRITES").ok()?;
             let (n, ms) = v.split_once(':')?;
-            let (n, ms) = (n.parse::<u64>().ok()?, ms.parse::<u64>().ok()?);
-            log::warn!(
-                "test hook: the first {n} writes are held {ms} ms before they reach the kernel"
-            );
-            Some((AtomicU64::new(n), Duration::from_millis(ms)))
+            let ms = ms.parse::<u64>().ok()?;
+            let which = match n.strip_prefix('%') {
+                Some(k) => {
+                    Hold::Every(k.parse::<u64>().ok().filter(|&k| k > 0)?, AtomicU64::new(0))
+                }
+                None => Hold::First(AtomicU64::new(n.parse::<u64>().ok()?)),
+            };
+            log::warn!("test hook: writes held {ms} ms before they reach the kernel: {which:?}");
+            Some((which, Duration::from_millis(ms)))
         })
         .as_ref()?;
-    left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .ok()
-        .map(|_| *ms)
+    let hold = match which {
+        Hold::First(left) => left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok(),
+        Hold::Every(k, seen) => {
+            seen.fetch_add(1, Ordering::AcqRel)
+                .wrapping_add(1)
+                .checked_rem(*k)
+                == Some(0)
+        }
+    };
+    hold.then_some(*ms)
 }
 
 /// How often a waiting drain reports the requests it still waits for.

@@ -78,6 +78,8 @@ pub struct BlkConfig {
     pub threads: usize,
     /// Offer inflight I/O tracking (requests then complete out of order).
     pub inflight: bool,
+    /// Test hook: complete out of order even without inflight tracking.
+    pub out_of_order: bool,
 }
 
 /// Counters for logs and tests.

@@ -479,7 +479,7 @@ impl BlkBackend {
     /// it finished.
     fn complete_in_order(&self, w: &mut Worker, vring: &Vring) {
         let mut any = false;
-        let out_of_order = w.inflight.is_some();
+        let out_of_order = w.inflight.is_some() || self.cfg.out_of_order;
         for s in &mut w.slots {
             if s.answered {
                 continue;

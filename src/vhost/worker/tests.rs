@@ -61,6 +61,7 @@ impl Rig {
                 writethrough: false,
                 threads: 1,
                 inflight: false,
+                out_of_order: false,
             },
         )
         .unwrap();
