@@ -9,6 +9,7 @@ alternated A B C ... A B C so machine drift cancels, BENCH_REPS repetitions
 Systems:
   ours-cow   vhost-user-ubd, UML COW over the raw base
   ours-raw   vhost-user-ubd, raw file
+  ours-raw-ooo  the same, completing requests out of order (as with inflight tracking)
   qsd-qcow2  qemu-storage-daemon, qcow2 overlay over the same base, the
              backing declared as its own blockdev with cache.direct=on,
              its default set-up: the export on the main loop, aio=native
@@ -20,7 +21,8 @@ Systems:
   limit      the same I/O by io_uring straight at the raw file, no virtio
 
 Environment: BENCH_SECONDS (5), BENCH_REPS (3), BENCH_DIR (bench/work),
-BENCH_ONLY (comma-separated workload names), BENCH_OUT (BENCHMARKS.md).
+BENCH_ONLY (comma-separated workload names), BENCH_SYSTEMS (comma-separated
+systems), BENCH_OUT (BENCHMARKS.md).
 """
 
 import datetime
@@ -47,7 +49,11 @@ GIB = 1 << 30
 BASE_SIZE = 16 * GIB  # the device: a 16 GiB base ...
 DATA_SIZE = 1 * GIB  # ... whose first GiB holds data (the rest is a hole)
 BASE_MTIME = 1704067200
-SYSTEMS = ["ours-cow", "ours-raw", "qsd-qcow2", "qsd-qcow2-iot", "qsd-raw", "qsd-raw-iot", "limit"]
+ALL_SYSTEMS = ["ours-cow", "ours-raw", "ours-raw-ooo", "qsd-qcow2", "qsd-qcow2-iot", "qsd-raw", "qsd-raw-iot",
+               "limit"]
+# BENCH_SYSTEMS: a comma-separated subset (default: all).
+SYSTEMS = [s for s in ALL_SYSTEMS
+           if not os.environ.get("BENCH_SYSTEMS") or s in os.environ["BENCH_SYSTEMS"].split(",")]
 SERVERS = [s for s in SYSTEMS if s != "limit"]
 # qemu-storage-daemon's strongest set-up (QEMU 10: one iothread per export).
 IOT_OBJECT = "iothread,id=iot0,poll-max-ns=32768"
@@ -180,6 +186,7 @@ def fresh_files(base, tag):
     files = {
         "ours-cow": os.path.join(d, f"{tag}.cow"),
         "ours-raw": os.path.join(d, f"{tag}.ours.raw"),
+        "ours-raw-ooo": os.path.join(d, f"{tag}.ours-ooo.raw"),
         "qsd-qcow2": os.path.join(d, f"{tag}.qcow2"),
         "qsd-qcow2-iot": os.path.join(d, f"{tag}.iot.qcow2"),
         "qsd-raw": os.path.join(d, f"{tag}.qsd.raw"),
@@ -192,7 +199,7 @@ def fresh_files(base, tag):
     sh(UBD, "create", files["ours-cow"], base, stderr=subprocess.DEVNULL)
     for s in ("qsd-qcow2", "qsd-qcow2-iot"):
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", files[s])
-    for s in ("ours-raw", "qsd-raw", "qsd-raw-iot", "limit"):
+    for s in ("ours-raw", "ours-raw-ooo", "qsd-raw", "qsd-raw-iot", "limit"):
         with open(files[s], "wb") as f:
             f.truncate(BASE_SIZE)
     return files
@@ -259,6 +266,10 @@ def run_one(system, wl, base, rep, files):
         srv = ours(["--cow", files[system]], sock, logf)
     elif system == "ours-raw":
         srv = ours(["--raw", path], sock, logf)
+    elif system == "ours-raw-ooo":
+        # Out-of-order completion, as with inflight tracking (which libblkio
+        # does not negotiate): the hidden test switch forces it.
+        srv = ours(["--raw", path, "--test-out-of-order"], sock, logf)
     elif system in ("qsd-qcow2", "qsd-qcow2-iot"):
         srv = Server(qsd_qcow2_cmd(base, files[system], sock, system.endswith("-iot")), sock, logf)
     else:
@@ -314,8 +325,13 @@ RATIOS = [
     ("ours-cow", "qsd-raw-iot"),
     ("ours-raw", "qsd-raw"),
     ("ours-raw", "qsd-raw-iot"),
+    ("ours-raw-ooo", "ours-raw"),
     ("ours-cow", "limit"),
 ]
+
+
+def ratios():
+    return [(a, b) for a, b in RATIOS if a in SYSTEMS and b in SYSTEMS]
 
 
 def short(system):
@@ -362,13 +378,16 @@ def write_report(wls, results, started):
         "QEMU 10 serves an export from one iothread only):",
         f"  `{cmdline(qsd_qcow2_cmd('base.raw', 'ovl.qcow2', 'S', True))}`",
         "  (the raw systems: the same without the qcow2 and backing nodes).",
+        "- ours-raw-ooo: ours-raw completing requests out of order, as it does when a frontend takes "
+        "inflight tracking (QEMU, cloud-hypervisor; libblkio does not, so the hidden "
+        "`--test-out-of-order` forces it here). ooo/raw compares the two orders.",
         "- limit: `ubd-bench --file` doing the same I/O by io_uring straight at a raw file, no virtio.",
         "",
         "## IOPS (median) and ratios",
         "",
         "| workload | " + " | ".join(SYSTEMS) + " | "
-        + " | ".join(f"{short(a)}/{short(b)}" for a, b in RATIOS) + " |",
-        "|---|" + "---:|" * (len(SYSTEMS) + len(RATIOS)),
+        + " | ".join(f"{short(a)}/{short(b)}" for a, b in ratios()) + " |",
+        "|---|" + "---:|" * (len(SYSTEMS) + len(ratios())),
     ]
     for wl in wls:
         name = wl[0]
@@ -379,7 +398,7 @@ def write_report(wls, results, started):
 
         lines.append(
             f"| {name} | " + " | ".join(f"{v[s]:.0f}" if v[s] else "-" for s in SYSTEMS)
-            + " | " + " | ".join(ratio(a, b) for a, b in RATIOS) + " |"
+            + " | " + " | ".join(ratio(a, b) for a, b in ratios()) + " |"
         )
     lines += [
         "",
