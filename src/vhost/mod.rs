@@ -11,11 +11,13 @@
 //!   queues run in parallel (no lock is shared between workers).
 //! - Zero copy: iovecs point straight into guest memory; each request keeps
 //!   the guest memory mapping alive until it completes.
-//! - Completions reach the used ring **in pop order**. With out-of-order
-//!   io_uring completions this costs a little head-of-line waiting, and buys
-//!   crash safety without inflight tracking: after a daemon crash the
-//!   frontend restarts the ring at the used index, which then replays exactly
-//!   the requests that had not completed (all idempotent).
+//! - With inflight tracking (`inflight.rs`, QEMU and cloud-hypervisor take
+//!   it) a request reaches the used ring as soon as its I/O is done, and a
+//!   restarted daemon resubmits what its predecessor left in flight.
+//!   Without it (libblkio) completions reach the used ring **in pop
+//!   order**: after a daemon crash the frontend restarts the ring at the
+//!   used index, which then replays exactly the requests that had not
+//!   completed (all idempotent).
 //! - Reads the disk hands back with `Again` (R4) are parked per queue and
 //!   resubmitted when the disk says so; they are never failed.
 //! - Bad chains get IOERR/UNSUPP (or used length 0 when there is no status
