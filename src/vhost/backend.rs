@@ -107,6 +107,7 @@ impl VhostUserBackend for BlkBackend {
                 "inflight tracking is off (--inflight off)",
             ));
         }
+        self.check_inflight_shape(req)?;
         let file = InflightRegion::create(req.num_queues, req.queue_size)?;
         let size = file.metadata()?.len();
         log::info!(
@@ -127,6 +128,7 @@ impl VhostUserBackend for BlkBackend {
                 "inflight tracking is off (--inflight off)",
             ));
         }
+        self.check_inflight_shape(inflight)?;
         let region = Arc::new(
             InflightRegion::map(
                 &file,

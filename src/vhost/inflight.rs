@@ -282,3 +282,87 @@ impl QueueInflight {
         (heads.into_iter().map(|(_, h)| h).collect(), next)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(queues: u16, size: u16) -> (Arc<InflightRegion>, File) {
+        let f = InflightRegion::create(queues, size).unwrap();
+        let len = f.metadata().unwrap().len();
+        (
+            Arc::new(InflightRegion::map(&f, len, 0, queues, size).unwrap()),
+            f,
+        )
+    }
+
+    #[test]
+    fn the_layout_is_libvhost_users() {
+        assert_eq!(queue_stride(128), 2112);
+        assert_eq!(queue_stride(256), 4160);
+        let f = InflightRegion::create(2, 128).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 2 * 2112);
+    }
+
+    #[test]
+    fn a_fresh_region_has_nothing_to_resubmit() {
+        let (r, _f) = region(1, 8);
+        let q = r.queue(0).unwrap();
+        assert_eq!(q.recover(0, 8), (vec![], 1));
+        assert!(r.queue(1).is_none(), "no such queue");
+    }
+
+    #[test]
+    fn heads_in_flight_come_back_oldest_first() {
+        let (r, f) = region(1, 8);
+        let q = r.queue(0).unwrap();
+        q.recover(0, 8);
+        for (counter, head) in [(1, 5), (2, 2), (3, 7), (4, 0)] {
+            q.begin(head, counter);
+        }
+        // Head 2 and head 0 complete (out of order).
+        for (head, used) in [(2, 1), (0, 2)] {
+            q.pre_put(head);
+            q.post_put(head, used);
+        }
+        // A new daemon maps the same memfd.
+        let r2 = Arc::new(InflightRegion::map(&f, f.metadata().unwrap().len(), 0, 1, 8).unwrap());
+        let q2 = r2.queue(0).unwrap();
+        assert_eq!(q2.recover(2, 8), (vec![5, 7], 4));
+    }
+
+    #[test]
+    fn a_crash_after_publishing_clears_the_last_batch() {
+        let (r, _f) = region(1, 8);
+        let q = r.queue(0).unwrap();
+        q.recover(0, 8);
+        q.begin(3, 1);
+        q.begin(4, 2);
+        // Head 4 was published (the guest's used index is 1) but the crash
+        // came before inflight = 0 and used_idx.
+        q.pre_put(4);
+        assert_eq!(q.recover(1, 8), (vec![3], 2));
+    }
+
+    #[test]
+    fn a_region_that_makes_no_sense_is_reset() {
+        let (r, _f) = region(1, 8);
+        let q = r.queue(0).unwrap();
+        q.begin(1, 9);
+        q.u16_at(8).store(7, Ordering::Release); // unknown version
+        assert_eq!(q.recover(0, 8), (vec![], 1));
+        assert_eq!(q.recover(0, 8), (vec![], 1), "reset to an empty version 1");
+        // Heads beyond the ring are ignored, never resubmitted.
+        q.begin(6, 3);
+        assert_eq!(q.recover(0, 4), (vec![], 1));
+    }
+
+    #[test]
+    fn a_region_smaller_than_its_queues_or_past_its_file_is_refused() {
+        let f = InflightRegion::create(1, 8).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(InflightRegion::map(&f, len, 0, 2, 8).is_err());
+        assert!(InflightRegion::map(&f, len, 64, 1, 8).is_err());
+        assert!(InflightRegion::map(&f, len, 0, 1, 8).is_ok());
+    }
+}

@@ -309,7 +309,7 @@ impl BlkBackend {
         let (mut in_flight, mut parked) = (0, 0);
         for w in &self.workers {
             let w = lock(w);
-            in_flight += w.slots.len();
+            in_flight += w.pending();
             parked += w.parked.len();
         }
         DeviceStatus {
@@ -364,6 +364,30 @@ impl BlkBackend {
                 false
             }
         }
+    }
+
+    /// An inflight region must describe queues this device has: 1 to
+    /// `queues` of a power-of-two size up to 32768 (the virtio maximum).
+    fn check_inflight_shape(
+        &self,
+        r: &vhost::vhost_user::message::VhostUserInflight,
+    ) -> std::io::Result<()> {
+        let queues_ok = (1..=self.cfg.queues).contains(&usize::from(r.num_queues));
+        let size_ok = r.queue_size.is_power_of_two() && r.queue_size <= 32768;
+        if queues_ok && size_ok {
+            return Ok(());
+        }
+        log::error!(
+            "inflight region of {} queues of {} descriptors refused (this device has {} queues; \
+             sizes are powers of two up to 32768)",
+            r.num_queues,
+            r.queue_size,
+            self.cfg.queues
+        );
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "inflight region shape",
+        ))
     }
 
     /// The frontend's backend channel (SET_BACKEND_REQ_FD).

@@ -102,6 +102,11 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
+    /// Requests popped and not yet on the used ring.
+    pub(super) fn pending(&self) -> usize {
+        self.slots.iter().filter(|s| !s.answered).count()
+    }
+
     fn slot_mut(&mut self, seq: u64) -> Option<&mut Slot> {
         let idx = usize::try_from(seq.checked_sub(self.base_seq)?).ok()?;
         self.slots.get_mut(idx)
