@@ -989,7 +989,12 @@ fn fio_under_kills(
         .vm_cmd(
             "fio-verify",
             2,
-            &["--reconnect-ms", "100", "--timeout", &vm_timeout.to_string()],
+            &[
+                "--reconnect-ms",
+                "100",
+                "--timeout",
+                &vm_timeout.to_string(),
+            ],
             &format!("vub.fio_size={}M vub.fio_depth=32", FIO_SIZE / MIB),
         )
         .stdout(out_file.try_clone().unwrap())
@@ -1143,8 +1148,12 @@ fn negative_control_out_of_order_without_inflight_fails_under_kills() {
         .boot
         .vub_lines()
         .find(|l| l.contains("MISMATCH") || l.contains("dmesg-error") || l.contains("failed"))
-        .map_or_else(|| format!("the guest did not finish ({})", run.boot.status), str::to_owned);
-    run.sc.note(&format!("without inflight tracking, as expected: {why}"));
+        .map_or_else(
+            || format!("the guest did not finish ({})", run.boot.status),
+            str::to_owned,
+        );
+    run.sc
+        .note(&format!("without inflight tracking, as expected: {why}"));
     let _ = sigterm(run.daemon);
 }
 

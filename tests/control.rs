@@ -20,7 +20,7 @@ use std::{
 
 use common::*;
 use common::{
-    client::{self, Client, ClientConfig},
+    client::{self, Client},
     daemon::{Daemon, DaemonBuilder},
 };
 
@@ -62,15 +62,7 @@ fn raw_daemon(dir: &Path, size: u64) -> (Daemon, PathBuf, PathBuf) {
 }
 
 fn connect(d: &Daemon) -> Client {
-    Client::connect(
-        d.socket(),
-        &ClientConfig {
-            num_queues: 1,
-            read_only: false,
-            mem_len: 4 << 20,
-        },
-    )
-    .unwrap()
+    client::connect_one_queue(d.socket())
 }
 
 #[test]

@@ -23,15 +23,7 @@ use common::{
 };
 
 fn connect(d: &Daemon) -> Client {
-    Client::connect(
-        d.socket(),
-        &ClientConfig {
-            num_queues: 1,
-            read_only: false,
-            mem_len: 4 << 20,
-        },
-    )
-    .unwrap()
+    client::connect_one_queue(d.socket())
 }
 
 fn pattern(salt: u8, len: usize) -> Vec<u8> {

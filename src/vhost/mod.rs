@@ -272,16 +272,7 @@ impl BlkBackend {
     /// flight to complete to the guest.
     pub fn drain(&self, timeout: Duration) -> bool {
         self.stopping.store(true, Ordering::Release);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.workers.iter().all(idle) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.wait_idle(timeout)
     }
 
     /// Requests in flight on all queues.

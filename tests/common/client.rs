@@ -407,3 +407,16 @@ pub fn write_zeroes(q: &mut Blkioq, pos: u64, len: u64, no_unmap: bool) -> i32 {
     sync_io(q, IO_TIMEOUT, |q, tag| q.write_zeroes(pos, len, tag, flags))
         .unwrap_or_else(|e| panic!("write-zeroes {len} at {pos}: {e}"))
 }
+
+/// A writable one-queue client with 4 MiB of buffers (panics on failure).
+pub fn connect_one_queue(socket: &Path) -> Client {
+    Client::connect(
+        socket,
+        &ClientConfig {
+            num_queues: 1,
+            read_only: false,
+            mem_len: 4 << 20,
+        },
+    )
+    .unwrap_or_else(|e| panic!("connect to {}: {e:?}", socket.display()))
+}
