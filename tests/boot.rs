@@ -506,10 +506,29 @@ impl Scenario {
         let timeout = BOOT_TIMEOUT_S.to_string();
         let mut extra = vec!["--timeout", timeout.as_str()];
         extra.extend_from_slice(more);
-        let out = self
+        let mut out = self
             .vm_cmd(test, queues, &extra, "")
             .output()
             .expect("run vm-images/run-vm.sh");
+        // QEMU 10's multi-threaded TCG sometimes aborts on its own
+        // assertion (`iotlb_to_section: Assertion section_index <
+        // d->map.sections_nb`) while the guest boots, before the guest
+        // printed anything: a QEMU bug, not a finding. One retry then.
+        let qemu_log = format!("{}.qemu", self.serial_log(test).display());
+        let qemu_aborted = std::fs::read_to_string(&qemu_log)
+            .is_ok_and(|l| l.contains("Assertion") && l.contains("failed"));
+        let guest_silent = std::fs::read_to_string(self.serial_log(test))
+            .map_or(true, |s| !s.contains("VUB: test-start"));
+        if !out.status.success() && qemu_aborted && guest_silent {
+            self.note(&format!(
+                "QEMU aborted on its own assertion before the guest ran ({}); booting once more",
+                tail(Path::new(&qemu_log), 1).trim()
+            ));
+            out = self
+                .vm_cmd(test, queues, &extra, "")
+                .output()
+                .expect("run vm-images/run-vm.sh");
+        }
         let boot = Boot {
             status: out.status,
             out: format!(
