@@ -1173,6 +1173,17 @@ fn negative_control_out_of_order_without_inflight_fails_under_kills() {
         );
     run.sc
         .note(&format!("without inflight tracking, as expected: {why}"));
+    // What the guest's kernel said (a broken virtqueue shows up here).
+    let said: Vec<&str> = run
+        .boot
+        .serial
+        .lines()
+        .filter(|l| !l.starts_with("VUB:"))
+        .rev()
+        .take(3)
+        .collect();
+    run.sc
+        .note(&format!("last kernel lines on the console: {said:?}"));
     let _ = sigterm(run.daemon);
 }
 
