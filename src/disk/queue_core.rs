@@ -68,6 +68,9 @@ pub(crate) struct QueueCore<S> {
     slots: Slab<Slot<S>>,
     done: Vec<Completion>,
     io: Vec<IoDone>,
+    /// Keys handed out by `reap` and given back by `recycle` (no
+    /// allocation per poll).
+    keys: Vec<usize>,
     /// The disk's file, for logs.
     path: PathBuf,
 }
@@ -80,6 +83,7 @@ impl<S> QueueCore<S> {
             slots: Slab::new(),
             done: Vec::new(),
             io: Vec::new(),
+            keys: Vec::new(),
             path,
         }
     }
@@ -195,7 +199,8 @@ impl<S> QueueCore<S> {
         if let Err(e) = self.engine.reap(&mut io) {
             log::error!("{}: io_uring: {e}", self.path.display());
         }
-        let mut keys = Vec::with_capacity(io.len());
+        let mut keys = std::mem::take(&mut self.keys);
+        keys.clear();
         for d in io.drain(..) {
             let key = usize::try_from(d.tag).unwrap_or(usize::MAX);
             let mut fallback = None;
@@ -218,6 +223,11 @@ impl<S> QueueCore<S> {
         }
         self.io = io;
         keys
+    }
+
+    /// Gives back the vector `reap` returned, for the next poll.
+    pub fn recycle(&mut self, keys: Vec<usize>) {
+        self.keys = keys;
     }
 
     /// Moves the completions so far to `out`, and submits what the

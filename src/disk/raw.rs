@@ -320,9 +320,11 @@ impl DiskQueue for RawQueue {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> bool {
-        for key in self.core.reap() {
+        let keys = self.core.reap();
+        for &key in &keys {
             self.settle(key);
         }
+        self.core.recycle(keys);
         self.core.drain_done(out);
         false
     }

@@ -214,6 +214,17 @@ impl IoVecs {
         &self.iov
     }
 
+    /// Moves the iovec array out (an operation hands it to the kernel);
+    /// the owner stays.
+    pub(crate) fn take_iov(&mut self) -> Vec<libc::iovec> {
+        std::mem::take(&mut self.iov)
+    }
+
+    /// Puts an array taken by [`Self::take_iov`] back.
+    pub(crate) fn put_iov(&mut self, iov: Vec<libc::iovec>) {
+        self.iov = iov;
+    }
+
     /// The bytes `[from, from+len)`, with the same owner.
     pub fn slice(&self, from: u64, len: u64) -> Self {
         let mut out = Vec::new();

@@ -96,13 +96,17 @@ unsafe fn copy_iov(buf: *mut u8, iov: &[libc::iovec], to_iov: bool) {
 }
 
 impl IoOp {
-    pub(super) fn new(kind: IoKind, fd: RawFd, offset: u64, mem: IoVecs, tag: u64) -> Self {
+    pub(super) fn new(kind: IoKind, fd: RawFd, offset: u64, mut mem: IoVecs, tag: u64) -> Self {
+        // The kernel-side array is the caller's, moved (no copy per op);
+        // `mem` keeps the owner, and gets the array back if a bounce
+        // buffer stands in for it.
+        let iov = mem.take_iov();
         Self {
             kind,
             fd,
             offset,
-            iov: mem.as_slice().to_vec(),
-            total: iov_total(mem.as_slice()),
+            total: iov_total(&iov),
+            iov,
             mem,
             bounce: None,
             done: 0,
@@ -132,6 +136,10 @@ impl IoOp {
         if direct && !aligned(&op.iov, offset) {
             let total = op.total;
             let buf = AlignedBuf::new(total)?;
+            // The caller's array goes back to `mem` (the bounce buffer
+            // stands in for it; `finish` copies a read back through it).
+            let caller = std::mem::take(&mut op.iov);
+            op.mem.put_iov(caller);
             if matches!(kind, IoKind::Write { .. }) {
                 // SAFETY: the caller's memory is valid for reads (`IoVecs`'
                 // contract, held by `op.mem`) and the buffer holds `total`

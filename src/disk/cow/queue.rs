@@ -350,9 +350,11 @@ impl DiskQueue for CowQueue {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> bool {
-        for key in self.core.reap() {
+        let keys = self.core.reap();
+        for &key in &keys {
             self.settle(key);
         }
+        self.core.recycle(keys);
         self.core.drain_done(out);
         let n = self.mailbox.take(out);
         self.at_meta = self.at_meta.saturating_sub(n);
