@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! A file mapped `MAP_SHARED` as an array of `AtomicU64` words.
+//! Files mapped `MAP_SHARED` ([`SharedMap`]), and one seen as an array of
+//! `AtomicU64` words ([`SharedWords`], the crash journal).
 //!
 //! Stores into the mapping go straight into the file's page cache: they
 //! survive the death of the process (kill -9, a panic, OOM) without any
@@ -14,38 +15,45 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-/// A shared, writable mapping of a whole file, seen as `u64` words.
+/// A shared, writable mapping of `len` bytes of a file from `offset`;
+/// unmapped on drop. What the bytes mean, and how they are accessed
+/// (atomically: other mappings of the file may change them at any time),
+/// is the user's.
 #[derive(Debug)]
-pub struct SharedWords {
-    ptr: NonNull<AtomicU64>,
-    words: usize,
+pub struct SharedMap {
+    ptr: NonNull<u8>,
+    len: usize,
 }
 
-// SAFETY: the mapping is only accessed through `AtomicU64`, which is `Sync`;
-// the pointer stays valid until `drop` unmaps it.
-unsafe impl Send for SharedWords {}
-// SAFETY: as above: every access is atomic.
-unsafe impl Sync for SharedWords {}
+// SAFETY: plain shared memory; the pointer stays valid until `drop` unmaps
+// it, and users access the bytes only through atomics.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMap {}
 
-impl SharedWords {
-    /// Maps the first `words * 8` bytes of `file` (opened read-write, at
-    /// least that long) shared and writable.
-    pub fn map(file: &File, words: usize) -> io::Result<Self> {
-        let len = words
-            .checked_mul(8)
-            .filter(|&l| l > 0)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "mapping size"))?;
-        let file_len = file.metadata()?.len();
-        if (len as u64) > file_len {
-            // Touching a page past the end of the file would be SIGBUS.
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("mapping of {len} bytes over a file of {file_len}"),
-            ));
+impl SharedMap {
+    /// Maps `len` bytes of `file` (opened read-write) from `offset` (a
+    /// multiple of the page size), refusing a range past the end of the
+    /// file: touching a page there would be SIGBUS.
+    pub fn map(file: &File, offset: u64, len: usize) -> io::Result<Self> {
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        if len == 0 {
+            return Err(bad("empty mapping".into()));
         }
+        let file_len = file.metadata()?.len();
+        let end = u64::try_from(len)
+            .ok()
+            .and_then(|l| offset.checked_add(l))
+            .ok_or_else(|| bad("mapping range overflows".into()))?;
+        if end > file_len {
+            return Err(bad(format!(
+                "mapping of {len} bytes at {offset} over a file of {file_len}"
+            )));
+        }
+        let off = libc::off_t::try_from(offset).map_err(|_| bad("offset".into()))?;
         // SAFETY: a fresh mapping chosen by the kernel (addr NULL), of a file
-        // descriptor we own; no existing memory is affected. The result is
-        // checked against MAP_FAILED below.
+        // descriptor we own, inside the file (checked above); no existing
+        // memory is affected. The result is checked against MAP_FAILED below.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -53,15 +61,62 @@ impl SharedWords {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                0,
+                off,
             )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(p.cast::<AtomicU64>())
-            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Self { ptr, words })
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Start of the mapping (page-aligned), valid for `len` bytes while
+    /// `self` lives.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true (empty mappings are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no reference
+        // into it outlives `self` (users borrow `self` for every access).
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// A shared, writable mapping of a whole file, seen as `u64` words.
+#[derive(Debug)]
+pub struct SharedWords {
+    map: SharedMap,
+    words: usize,
+}
+
+impl SharedWords {
+    /// Maps the first `words * 8` bytes of `file` (opened read-write, at
+    /// least that long) shared and writable.
+    pub fn map(file: &File, words: usize) -> io::Result<Self> {
+        let len = words
+            .checked_mul(8)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "mapping size"))?;
+        Ok(Self {
+            map: SharedMap::map(file, 0, len)?,
+            words,
+        })
     }
 
     /// The words. Page-aligned (so `AtomicU64`-aligned), `words` long,
@@ -73,7 +128,7 @@ impl SharedWords {
         // through atomics, so other threads (and the file's other mappings)
         // may change the words concurrently; the slice borrows `self`, which
         // unmaps only on drop.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.words) }
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU64>(), self.words) }
     }
 
     /// Word `i`, if inside.
@@ -91,16 +146,6 @@ impl SharedWords {
     /// Loads word `i` (0 outside).
     pub fn load(&self, i: usize) -> u64 {
         self.word(i).map_or(0, |w| w.load(Ordering::Acquire))
-    }
-}
-
-impl Drop for SharedWords {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`; no reference
-        // into it outlives `self` (`words` borrows `self`).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.words.saturating_mul(8));
-        }
     }
 }
 

@@ -30,12 +30,13 @@ use std::{
     fs::File,
     io,
     os::fd::{AsRawFd, FromRawFd},
-    ptr::NonNull,
     sync::{
         atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering},
         Arc,
     },
 };
+
+use crate::engine::shm::SharedMap;
 
 const ALIGN: usize = 64;
 const DESC: usize = 16;
@@ -50,17 +51,10 @@ pub fn queue_stride(queue_size: u16) -> usize {
 /// The shared buffer, mapped.
 #[derive(Debug)]
 pub struct InflightRegion {
-    ptr: NonNull<u8>,
-    len: usize,
+    map: SharedMap,
     queues: u16,
     queue_size: u16,
 }
-
-// SAFETY: the mapping is plain shared memory; every access goes through
-// atomics (one writer per queue region: that queue's worker).
-unsafe impl Send for InflightRegion {}
-// SAFETY: as above.
-unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
     /// A fresh, zeroed buffer for `queues` queues of `queue_size`
@@ -116,30 +110,8 @@ impl InflightRegion {
         if len < need {
             return Err(bad("smaller than its queues need"));
         }
-        let end = offset.checked_add(size).ok_or_else(|| bad("offset"))?;
-        if end > file.metadata()?.len() {
-            return Err(bad("past the end of its file"));
-        }
-        let off = libc::off_t::try_from(offset).map_err(|_| bad("offset"))?;
-        // SAFETY: a shared mapping of `len` bytes of a file we hold, at an
-        // offset checked against its size; the result is checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| bad("mmap"))?;
         Ok(Self {
-            ptr,
-            len,
+            map: SharedMap::map(file, offset, len)?,
             queues,
             queue_size,
         })
@@ -159,14 +131,6 @@ impl InflightRegion {
     }
 }
 
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once; no reference
-        // into it outlives `self` (queue views hold an `Arc` of it).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
 /// One queue's region.
 #[derive(Debug, Clone)]
 pub struct QueueInflight {
@@ -181,7 +145,7 @@ impl QueueInflight {
         // SAFETY (of every caller's dereference): `off + rel` stays inside
         // this queue's stride (`rel < 16 + 16 * desc_num`, checked by the
         // callers' head bounds), which lies inside the mapping (`map`).
-        self.region.ptr.as_ptr().wrapping_add(self.off + rel)
+        self.region.map.as_ptr().wrapping_add(self.off + rel)
     }
 
     fn u16_at(&self, rel: usize) -> &AtomicU16 {
