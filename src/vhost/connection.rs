@@ -19,7 +19,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::BlkBackend;
+use super::{lock, BlkBackend};
 
 /// Connection errors.
 #[derive(Debug, Error)]
@@ -84,27 +84,17 @@ impl std::fmt::Debug for Disconnect {
 
 impl Disconnect {
     fn set(&self, h: Option<ShutdownHandle>) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = h;
+        *lock(&self.0) = h;
     }
 
     /// True while a frontend is connected.
     pub fn connected(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some()
+        lock(&self.0).is_some()
     }
 
     /// Drops the current connection, if any.
     pub fn now(&self) {
-        let h = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let h = lock(&self.0).clone();
         if let Some(h) = h {
             h.shutdown();
         }

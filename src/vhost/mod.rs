@@ -148,8 +148,10 @@ impl std::fmt::Debug for BlkBackend {
     }
 }
 
-fn lock(w: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
-    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Locks `m`; a panic of another holder does not poison it for us (the
+/// state it guards stays consistent at every unlock).
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// True when the worker has nothing in flight; false while it is busy
@@ -258,10 +260,7 @@ impl BlkBackend {
             .mem
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        *self
-            .channel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *lock(&self.channel) = None;
         self.announce.store(false, Ordering::Release);
         self.event_idx.store(false, Ordering::Release);
         self.acked.store(0, Ordering::Release);
@@ -309,11 +308,7 @@ impl BlkBackend {
             queues: self.cfg.queues,
             in_flight,
             parked,
-            config_channel: self
-                .channel
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_some(),
+            config_channel: lock(&self.channel).is_some(),
             completed: self.stats.completed.load(Ordering::Relaxed),
             bad_requests: self.stats.bad_requests.load(Ordering::Relaxed),
         }
@@ -331,11 +326,7 @@ impl BlkBackend {
     /// (fire and forget: the frontend answers with GET_CONFIG).
     fn notify_config(&self) -> bool {
         use vhost::vhost_user::VhostUserFrontendReqHandler;
-        let ch = self
-            .channel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let ch = lock(&self.channel).clone();
         match ch {
             Some(ch) => match ch.handle_config_change() {
                 Ok(_) => {
@@ -386,10 +377,7 @@ impl BlkBackend {
         // Fire and forget, as libvhost-user does: with REPLY_ACK the
         // frontend answers only after its own GET_CONFIG round trip.
         ch.set_reply_ack_flag(false);
-        *self
-            .channel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ch);
+        *lock(&self.channel) = Some(ch);
         if self.resized.load(Ordering::Acquire) {
             self.announce.store(true, Ordering::Release);
         }
