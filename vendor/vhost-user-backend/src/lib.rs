@@ -203,6 +203,18 @@ where
         self.start_daemon(backend_handler)
     }
 
+    /// Run a dedicated thread handling all requests coming through `stream`, a
+    /// connection the caller accepted itself (for example after polling its listening
+    /// socket together with other events, or on a listening socket it shares with
+    /// another process and must not block on).
+    ///
+    /// This runs in an infinite loop that should be terminating once the other end of the
+    /// socket (the VMM) disconnects.
+    pub fn start_stream(&mut self, stream: UnixStream) -> Result<()> {
+        let backend_handler = BackendReqHandler::from_stream(stream, self.handler.clone());
+        self.start_daemon(backend_handler)
+    }
+
     /// Listen to the vhost-user socket and run a dedicated thread handling all requests coming
     /// through this socket.
     ///
