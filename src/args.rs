@@ -18,7 +18,8 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a disk to a vhost-user frontend (QEMU vhost-user-blk-pci,
-    /// cloud-hypervisor, libblkio) until SIGTERM/SIGINT.
+    /// cloud-hypervisor, libblkio) until SIGTERM/SIGINT, or until a new
+    /// instance takes it over (`serve --takeover`).
     Serve(Box<ServeArgs>),
     /// Create a UML COW file over a backing image (same bytes as `uml_mkcow COW BACKING`).
     Create {
@@ -76,12 +77,19 @@ pub enum Command {
 
 /// `serve` options.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("listen").required(true).args(["socket", "fd"])))]
-#[command(group(clap::ArgGroup::new("image").required(true).args(["cow", "raw"])))]
+#[command(group(clap::ArgGroup::new("listen").args(["socket", "fd"])))]
+#[command(group(clap::ArgGroup::new("image").args(["cow", "raw"])))]
 pub struct ServeArgs {
     /// UNIX socket to listen on (replaced if it exists).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Live handover: take the disk, its listening socket and its
+    /// arguments over from the instance serving the control socket CTL,
+    /// which then exits 0 (live upgrade, a change of settings). Disk
+    /// arguments given here must be equal to its; --control defaults to
+    /// taking CTL over. See docs/live-upgrade.md.
+    #[arg(long, value_name = "CTL")]
+    pub takeover: Option<PathBuf>,
     /// Serve on an inherited listening socket (systemd socket activation).
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
@@ -154,4 +162,8 @@ pub struct ServeArgs {
     /// Test hook: hold each bitmap write's completion (makes R3/R4 observable).
     #[arg(long, default_value_t = 0, hide = true)]
     pub test_bitmap_delay_ms: u64,
+    /// The arguments given on the command line (clap ids), as opposed to
+    /// defaults: a takeover compares only those with the running instance's.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
 }

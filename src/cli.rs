@@ -7,13 +7,18 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use vhost_user_ubd::{
-    config::{ConfigError, DiskSpec, ServeArgsRaw, ServeConfig},
+    config::{self, ConfigError, DiskSpec, ServeArgsRaw, ServeConfig},
     cow::{
         self,
         inspect::{inspect, BackingStatus, CowReport},
         CowFile, CowFileError, OpenCow,
     },
-    daemon::{self, DaemonError},
+    daemon::{
+        self,
+        control::ControlSocket,
+        handover::{Handed, Takeover},
+        DaemonError, Serving,
+    },
     disk::{self, DiskError},
     vhost::{BlkBackend, BlkConfig},
 };
@@ -251,7 +256,7 @@ fn check(path: &Path, backing: Option<&Path>, journal_dir: &Path) -> ExitCode {
 }
 
 fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
-    let cfg = ServeConfig::try_from(ServeArgsRaw {
+    let raw = ServeArgsRaw {
         socket: a.socket,
         fd: a.fd,
         cow: a.cow,
@@ -272,20 +277,65 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         control: a.control,
         inflight: a.inflight,
         out_of_order: a.test_out_of_order,
-    })?;
+        takeover: false,
+    };
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;
+    if let Some(ctl) = a.takeover {
+        return takeover(&ctl, raw, &a.explicit, signals);
+    }
+    let cfg = ServeConfig::try_from(raw)?;
+    fresh(&cfg, signals, None)
+}
+
+/// A start from the files: claim the socket, open the disk, listen.
+fn fresh(
+    cfg: &ServeConfig,
+    signals: daemon::Signals,
+    control: Option<ControlSocket>,
+) -> Result<ExitCode, CliError> {
     // Before the disk is opened: a socket another daemon serves is refused
     // at once, naming that daemon (held until the process exits).
-    let _claim = match &cfg.listen {
+    let claim = match &cfg.listen {
         daemon::ListenOn::Path(p) => Some(daemon::SocketClaim::take(p)?),
-        daemon::ListenOn::Fd(_) => None,
+        daemon::ListenOn::Fd(_) | daemon::ListenOn::Handed => None,
     };
     let opts = cfg.disk_options();
     let disk = match &cfg.disk {
         DiskSpec::Cow { cow, .. } => disk::open_cow(cow, &opts)?,
         DiskSpec::Raw(raw) => disk::open_raw(raw, &opts)?,
     };
+    let (backend, serial) = backend(cfg, disk)?;
+    let (listener, listen_desc) = daemon::listen(&cfg.listen)?;
+    let control = match control {
+        Some(c) => Some(c),
+        None => cfg
+            .control
+            .as_deref()
+            .map(ControlSocket::bind)
+            .transpose()?,
+    };
+    daemon::run(
+        backend,
+        Serving {
+            listener,
+            listen_desc,
+            claim,
+            control,
+            control_adopted: false,
+            spec: cfg.spec(&serial),
+            takeover: None,
+        },
+        signals,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The device over `disk`, and the serial it answers.
+fn backend(
+    cfg: &ServeConfig,
+    disk: Arc<dyn disk::Disk>,
+) -> Result<(Arc<BlkBackend>, String), CliError> {
     let serial = cfg.serial.clone().unwrap_or_else(|| disk.info().id.clone());
     let backend = Arc::new(BlkBackend::new(
         disk,
@@ -293,14 +343,107 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
             queues: cfg.queues,
             queue_size: cfg.queue_size,
             readonly: cfg.readonly,
-            serial,
+            serial: serial.clone(),
             writethrough: cfg.writethrough,
             threads: cfg.threads,
             inflight: cfg.inflight,
             out_of_order: cfg.out_of_order,
         },
     )?);
-    daemon::run(backend, &cfg.listen, cfg.control.as_deref(), signals)?;
+    Ok((backend, serial))
+}
+
+/// `serve --takeover CTL`: the live handover from the instance at `ctl`.
+fn takeover(
+    ctl: &Path,
+    raw: ServeArgsRaw,
+    explicit: &[String],
+    signals: daemon::Signals,
+) -> Result<ExitCode, CliError> {
+    let mut t = Takeover::register(ctl)?;
+    let source = t.source_pid();
+    let cfg = match config::for_takeover(raw, explicit, t.spec()) {
+        Ok(c) => c,
+        Err(e) => {
+            t.abort(&e.to_string());
+            return Err(e.into());
+        }
+    };
+    // A control socket of its own is bound before anything is suspended:
+    // if it cannot be, the running instance is left alone.
+    let own = cfg
+        .control
+        .as_deref()
+        .filter(|c| t.spec().control.as_deref() != Some(*c));
+    let own_control = match own.map(ControlSocket::bind).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            t.abort(&e.to_string());
+            return Err(e.into());
+        }
+    };
+    let (meta, mut fds) = match t.suspend()? {
+        Handed::Passed { meta, fds } => (meta, fds),
+        Handed::SourceGone(why) => {
+            log::warn!(
+                "handover: pid {source} went away before it passed its files ({why}); opening \
+                 them from disk (everything it completed before its last flush is there, R5)"
+            );
+            drop(t);
+            return fresh(&cfg, signals, own_control);
+        }
+    };
+    let built = (|| {
+        let disk = disk::handover::adopt(&meta.disk, &mut fds, &cfg.disk_options())?;
+        let (backend, serial) = backend(&cfg, disk)?;
+        let c = meta.counters;
+        backend.restore_counters(c.completed, c.bad_requests, c.resized);
+        let listen = fds.take("listen").ok_or_else(|| DaemonError::Handover {
+            ctl: ctl.to_path_buf(),
+            reason: "the listening socket was not passed".into(),
+        })?;
+        let listener = vhost_user_ubd::vhost::connection::Listener::from_owned(listen.into())
+            .map_err(DaemonError::from)?;
+        let claim = fds
+            .take("claim")
+            .map(daemon::SocketClaim::adopt)
+            .transpose()
+            .map_err(|e| DaemonError::Handover {
+                ctl: ctl.to_path_buf(),
+                reason: format!("cannot hold the socket's lock file: {e}"),
+            })?;
+        let passed_control = fds.take("control");
+        let (control, control_adopted) = match (own_control, passed_control, &cfg.control) {
+            (Some(c), _, _) => (Some(c), false),
+            (None, Some(f), Some(path)) => (Some(ControlSocket::adopt(f.into(), path)), true),
+            (None, _, _) => (None, false),
+        };
+        Ok::<_, CliError>((backend, serial, listener, claim, control, control_adopted))
+    })();
+    let (backend, serial, listener, claim, control, control_adopted) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            t.abort(&e.to_string());
+            return Err(e);
+        }
+    };
+    let listen_desc = cfg.spec(&serial).socket.map_or_else(
+        || format!("the socket pid {source} served"),
+        |p| p.display().to_string(),
+    );
+    daemon::run(
+        backend,
+        Serving {
+            listener,
+            listen_desc,
+            claim,
+            control,
+            control_adopted,
+            spec: cfg.spec(&serial),
+            takeover: Some(t),
+        },
+        signals,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

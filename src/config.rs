@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Validated configuration of `serve`: every argument check lives here.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use thiserror::Error;
 
 use crate::{
-    daemon::ListenOn,
+    daemon::{handover::Spec, ListenOn},
     disk::{AioMode, DiskOptions},
     vhost::MAX_QUEUES,
 };
@@ -77,7 +80,7 @@ pub struct ServeConfig {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// Neither or both of --socket / --fd.
-    #[error("give exactly one of --socket PATH or --fd N")]
+    #[error("give exactly one of --socket PATH or --fd N (or --takeover CTL)")]
     Listen,
     /// Neither or both of --cow / --raw.
     #[error("give exactly one of --cow FILE or --raw FILE")]
@@ -115,6 +118,9 @@ pub enum ConfigError {
     /// Checkpoint thresholds of zero.
     #[error("--checkpoint-extents and --checkpoint-ms must be at least 1")]
     Checkpoint,
+    /// A `--takeover` argument that differs from the running instance's.
+    #[error("{0}; leave it out to take the running instance's over, or stop that instance and start afresh")]
+    TakeoverMismatch(String),
     /// The crash journal directory is not a directory.
     #[error("--crash-journal {0}: not a directory (give an existing directory, e.g. /dev/shm, or 'off')")]
     CrashJournal(PathBuf),
@@ -163,6 +169,8 @@ pub struct ServeArgsRaw {
     pub inflight: String,
     /// --test-out-of-order
     pub out_of_order: bool,
+    /// `--takeover`: the listening socket may be the predecessor's.
+    pub takeover: bool,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -172,6 +180,8 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
         let listen = match (a.socket, a.fd) {
             (Some(p), None) => ListenOn::Path(p),
             (None, Some(fd)) => ListenOn::Fd(fd),
+            // The predecessor's inherited socket, passed at the handover.
+            (None, None) if a.takeover => ListenOn::Handed,
             _ => return Err(ConfigError::Listen),
         };
         let disk = match (a.cow, a.raw) {
@@ -280,7 +290,165 @@ pub fn default_threads(queues: usize) -> usize {
     (cpus / 2).clamp(1, queues.max(1))
 }
 
+/// Whether two paths name the same file (or are equal as given).
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// The arguments of `serve --takeover`: the disk arguments come from the
+/// running instance (`spec`); those given explicitly (`explicit`, clap's
+/// ids) must be equal to its. Settings (threads, checkpoints, aio) are this
+/// instance's own.
+pub fn for_takeover(
+    mut a: ServeArgsRaw,
+    explicit: &[String],
+    spec: &Spec,
+) -> Result<ServeConfig, ConfigError> {
+    let given = |id: &str| explicit.iter().any(|e| e == id);
+    let differ = |flag: &str, mine: String, theirs: String| {
+        ConfigError::TakeoverMismatch(format!(
+            "{flag} {mine} differs from the running instance's {theirs}"
+        ))
+    };
+    let path_arg = |id: &str, flag: &str, mine: &Option<PathBuf>, theirs: &Option<PathBuf>| {
+        if !given(id) {
+            return Ok(());
+        }
+        let show = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
+        };
+        match (mine, theirs) {
+            (Some(m), Some(t)) if same_path(m, t) => Ok(()),
+            _ => Err(differ(flag, show(mine), show(theirs))),
+        }
+    };
+    if given("fd") {
+        return Err(ConfigError::TakeoverMismatch(
+            "--fd: a takeover serves the running instance's listening socket".into(),
+        ));
+    }
+    path_arg("socket", "--socket", &a.socket, &spec.socket)?;
+    path_arg("cow", "--cow", &a.cow, &spec.cow)?;
+    path_arg("raw", "--raw", &a.raw, &spec.raw)?;
+    path_arg("backing", "--backing", &a.backing, &spec.backing)?;
+    let plain = |id: &str, flag: &str, mine: String, theirs: String| {
+        if given(id) && mine != theirs {
+            Err(differ(flag, mine, theirs))
+        } else {
+            Ok(())
+        }
+    };
+    plain(
+        "queues",
+        "--queues",
+        a.queues.to_string(),
+        spec.queues.to_string(),
+    )?;
+    plain(
+        "queue_size",
+        "--queue-size",
+        a.queue_size.to_string(),
+        spec.queue_size.to_string(),
+    )?;
+    plain(
+        "readonly",
+        "--readonly",
+        a.readonly.to_string(),
+        spec.readonly.to_string(),
+    )?;
+    plain(
+        "serial",
+        "--serial",
+        a.serial.clone().unwrap_or_default(),
+        spec.serial.clone(),
+    )?;
+    plain("cache", "--cache", a.cache.clone(), spec.cache.clone())?;
+    plain(
+        "writethrough",
+        "--writethrough",
+        a.writethrough.to_string(),
+        spec.writethrough.to_string(),
+    )?;
+    plain(
+        "inflight",
+        "--inflight",
+        a.inflight.clone(),
+        spec.inflight.clone(),
+    )?;
+    plain(
+        "crash_journal",
+        "--crash-journal",
+        a.crash_journal.clone(),
+        spec.crash_journal.clone(),
+    )?;
+    a.socket = spec.socket.clone();
+    a.fd = None;
+    a.cow = spec.cow.clone();
+    a.raw = spec.raw.clone();
+    a.backing = spec.backing.clone();
+    a.queues = spec.queues;
+    a.queue_size = spec.queue_size;
+    a.readonly = spec.readonly;
+    a.serial = Some(spec.serial.clone());
+    a.cache = spec.cache.clone();
+    a.writethrough = spec.writethrough;
+    a.inflight = spec.inflight.clone();
+    a.crash_journal = spec.crash_journal.clone();
+    a.out_of_order = spec.out_of_order;
+    if !given("threads") {
+        a.threads = None;
+    }
+    if !given("control") {
+        a.control = spec.control.clone();
+    }
+    a.takeover = true;
+    ServeConfig::try_from(a)
+}
+
 impl ServeConfig {
+    /// What this instance serves, for a successor (`serial`: as served).
+    pub fn spec(&self, serial: &str) -> Spec {
+        Spec {
+            socket: match &self.listen {
+                ListenOn::Path(p) => Some(p.clone()),
+                ListenOn::Fd(_) | ListenOn::Handed => None,
+            },
+            cow: match &self.disk {
+                DiskSpec::Cow { cow, .. } => Some(cow.clone()),
+                DiskSpec::Raw(_) => None,
+            },
+            backing: match &self.disk {
+                DiskSpec::Cow { backing, .. } => backing.clone(),
+                DiskSpec::Raw(_) => None,
+            },
+            raw: match &self.disk {
+                DiskSpec::Raw(r) => Some(r.clone()),
+                DiskSpec::Cow { .. } => None,
+            },
+            queues: self.queues,
+            queue_size: u32::from(self.queue_size),
+            readonly: self.readonly,
+            serial: serial.to_owned(),
+            cache: match self.cache {
+                CacheMode::None => "none".into(),
+                CacheMode::Writeback => "writeback".into(),
+            },
+            writethrough: self.writethrough,
+            inflight: if self.inflight { "on" } else { "off" }.into(),
+            crash_journal: self
+                .crash_journal
+                .as_ref()
+                .map_or_else(|| "off".into(), |d| d.display().to_string()),
+            control: self.control.clone(),
+            out_of_order: self.out_of_order,
+        }
+    }
+
     /// Options for opening the disk.
     pub fn disk_options(&self) -> DiskOptions {
         DiskOptions {

@@ -69,6 +69,32 @@ impl Bitmap {
         }
     }
 
+    /// A bitmap for `nsect` sectors over `mem` (at least one bit per
+    /// sector; a memfd from [`load_bitmap`](crate::cow::load::load_bitmap)
+    /// or a predecessor).
+    pub fn from_atomic(mem: AtomicBytes, nsect: u64) -> std::io::Result<Self> {
+        let need = nsect.div_ceil(8);
+        if (mem.as_slice().len() as u64) < need {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "a bitmap of {} bytes cannot hold {nsect} sectors",
+                    mem.as_slice().len()
+                ),
+            ));
+        }
+        Ok(Self {
+            mem: Arc::new(mem),
+            nsect,
+        })
+    }
+
+    /// The memfd holding the bits, when they live in one (a live handover
+    /// passes it on).
+    pub fn memfd(&self) -> Option<&std::fs::File> {
+        self.mem.memfd()
+    }
+
     /// Sectors covered.
     pub fn nsect(&self) -> u64 {
         self.nsect

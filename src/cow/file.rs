@@ -493,7 +493,59 @@ pub fn check_backing(
     Ok(())
 }
 
+/// The open files of a COW a predecessor passed (a live handover), locked
+/// by their open file descriptions.
+#[derive(Debug)]
+pub struct Passed {
+    /// See [`CowFile::meta_fd`].
+    pub meta_fd: File,
+    /// See [`CowFile::data_fd`].
+    pub data_fd: File,
+    /// See [`CowFile::backing_fd`].
+    pub backing_fd: File,
+    /// The predecessor's in-memory bitmap (a memfd, one bit per sector).
+    pub bitmap: File,
+    /// `data_fd` is `O_DIRECT`.
+    pub direct: bool,
+    /// `backing_fd` is `O_DIRECT`.
+    pub backing_direct: bool,
+}
+
 impl CowFile {
+    /// Takes over a COW file another instance opened, checked and locked
+    /// (its OFD locks came with the descriptors), with its bitmap in memory.
+    /// The header and the backing are checked again, as `open` does.
+    pub fn adopt(path: &Path, backing_path: &Path, f: Passed) -> Result<Self, CowFileError> {
+        let (header, geometry, _) = read_layout(&f.meta_fd, path)?;
+        let bmeta = f
+            .backing_fd
+            .metadata()
+            .map_err(|e| CowFileError::OpenBacking {
+                cow: path.to_path_buf(),
+                backing: backing_path.to_path_buf(),
+                source: e,
+            })?;
+        check_backing(path, backing_path, &header, &bmeta)?;
+        let len = usize::try_from(geometry.nsect.div_ceil(8))
+            .map_err(|_| bitmap_read(path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
+        let mem = crate::engine::AtomicBytes::from_memfd(f.bitmap, len)
+            .map_err(|e| bitmap_read(path, e))?;
+        let bitmap = Bitmap::from_atomic(mem, geometry.nsect).map_err(|e| bitmap_read(path, e))?;
+        Ok(Self {
+            bits_at_open: bitmap.count_set(),
+            path: path.to_path_buf(),
+            backing_path: backing_path.to_path_buf(),
+            header,
+            geometry,
+            meta_fd: f.meta_fd,
+            data_fd: f.data_fd,
+            backing_fd: f.backing_fd,
+            direct: f.direct,
+            backing_direct: f.backing_direct,
+            bitmap,
+        })
+    }
+
     /// Opens, checks and locks a COW file and loads its bitmap.
     pub fn open(path: &Path, opts: &OpenCow) -> Result<Self, CowFileError> {
         let open_err = |e| CowFileError::Open {

@@ -6,38 +6,44 @@
 use std::{fs::File, io, os::unix::fs::FileExt};
 
 use super::{bitmap::Bitmap, header::Geometry};
+use crate::engine::AtomicBytes;
 
-/// Reads the on-disk bitmap into memory.
+/// Reads the on-disk bitmap into memory: a memfd (see
+/// [`AtomicBytes::shared`]) that a live handover passes to the next daemon
+/// instance as it is.
 /// Returns it with the number of bits set in it.
 pub fn load_bitmap(file: &File, g: &Geometry) -> io::Result<(Bitmap, u64)> {
-    let len = usize::try_from(g.bitmap_len).map_err(|_| {
+    let too_large = || {
         io::Error::new(
             io::ErrorKind::OutOfMemory,
             "bitmap larger than the address space",
         )
+    };
+    // One bit per sector; bytes of the on-disk bitmap past the device hold
+    // no sectors and are not read.
+    let len = usize::try_from(g.nsect.div_ceil(8)).map_err(|_| too_large())?;
+    let on_disk = usize::try_from(g.bitmap_len).map_err(|_| too_large())?;
+    // Zero pages of the memfd take no memory until touched: a fresh (sparse)
+    // COW of 1 TiB starts without reading or faulting in its 256 MiB of zeros.
+    let (mem, bits) = AtomicBytes::shared("ubd-cow-bitmap", len, |bytes| {
+        let read = bytes.get_mut(..on_disk.min(len)).unwrap_or_default();
+        let spans = read_data_regions(file, read, g.bitmap_offset)?;
+        // Bits set on disk, counted where data was read (holes are clear), a
+        // word at a time: the crash journal checks it against what it saw.
+        let counted: u64 = spans
+            .iter()
+            .filter_map(|r| read.get(r.clone()))
+            .map(count_ones)
+            .sum();
+        // Bits of the last byte past the last sector do not count.
+        let full = usize::try_from(g.nsect / 8).unwrap_or(usize::MAX);
+        let partial = read.get(full).map_or(0, |&b| {
+            let keep = (1u16 << (g.nsect % 8)).saturating_sub(1);
+            u64::from((u16::from(b) & !keep).count_ones())
+        });
+        Ok(counted.saturating_sub(partial))
     })?;
-    // Zeroed lazily by the allocator: pages of the bitmap that stay clear
-    // are never touched, so a fresh (sparse) COW of 1 TiB starts without
-    // reading or faulting in its 256 MiB of zeros.
-    let mut bytes = vec![0u8; len];
-    let spans = read_data_regions(file, &mut bytes, g.bitmap_offset)?;
-    // Bits set on disk, counted where data was read (holes are clear), a
-    // word at a time (a full 1 TiB bitmap is 256 MiB): the crash journal
-    // checks it against what it saw. Bits past the last sector do not count.
-    let counted: u64 = spans
-        .iter()
-        .filter_map(|r| bytes.get(r.clone()))
-        .map(count_ones)
-        .sum();
-    // Bytes past the device hold no sectors (unread bytes are zero).
-    let full = usize::try_from(g.nsect / 8).unwrap_or(usize::MAX);
-    let partial = bytes.get(full).map_or(0, |&b| {
-        let keep = (1u16 << (g.nsect % 8)).saturating_sub(1);
-        u64::from((u16::from(b) & !keep).count_ones())
-    });
-    let beyond = bytes.get(full.saturating_add(1)..).map_or(0, count_ones);
-    let bits = counted.saturating_sub(partial.saturating_add(beyond));
-    Ok((Bitmap::from_bytes(bytes, g.nsect), bits))
+    Ok((Bitmap::from_atomic(mem, g.nsect)?, bits))
 }
 
 /// Set bits in `bytes`, eight bytes at a time.

@@ -37,7 +37,7 @@ use std::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::DaemonError;
+use super::{handover::SourceShared, DaemonError};
 use crate::{disk::SECTOR, engine::sys, vhost::BlkBackend};
 
 /// Protocol version spoken.
@@ -60,6 +60,20 @@ enum Request {
         /// Protocol version.
         v: u64,
     },
+    /// A live handover step (`daemon::handover`).
+    Handover {
+        /// Protocol version.
+        v: u64,
+        /// register, suspend, commit, live, abort.
+        step: String,
+        /// The destination's process id.
+        #[serde(default)]
+        pid: u32,
+        /// With `live`: the destination serves this control socket now.
+        #[serde(default)]
+        #[allow(dead_code)]
+        control_adopted: bool,
+    },
     /// Change the disk's size.
     Resize {
         /// Protocol version.
@@ -72,16 +86,17 @@ enum Request {
     },
 }
 
-/// The control socket, served by its own thread for the daemon's life.
+/// The control socket's listener: bound here, or passed by the instance
+/// this one took over from.
 #[derive(Debug)]
-pub struct Control {
+pub struct ControlSocket {
+    listener: UnixListener,
     path: PathBuf,
 }
 
-impl Control {
-    /// Binds `path` (a stale socket file is replaced, a live one refused)
-    /// and serves it on a thread.
-    pub fn start(path: &Path, backend: Arc<BlkBackend>) -> Result<Self, DaemonError> {
+impl ControlSocket {
+    /// Binds `path` (a stale socket file is replaced, a live one refused).
+    pub fn bind(path: &Path) -> Result<Self, DaemonError> {
         let err = |reason: String| DaemonError::Control {
             path: path.to_path_buf(),
             reason,
@@ -98,20 +113,72 @@ impl Control {
         let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| err(format!("cannot make it private: {e}")))?;
-        std::thread::Builder::new()
-            .name("ubd-control".into())
-            .spawn(move || serve(&listener, backend))
-            .map_err(|e| err(format!("cannot start its thread: {e}")))?;
-        log::info!("control socket on {}", path.display());
         Ok(Self {
+            listener,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Serves a listener the previous instance passed (same path).
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> Self {
+        Self {
+            listener: UnixListener::from(fd),
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new descriptor of the listener (a handover passes it on).
+    pub fn dup(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+}
+
+/// The control socket, served by its own thread for the daemon's life.
+#[derive(Debug)]
+pub struct Control {
+    path: PathBuf,
+    handover: Arc<SourceShared>,
+}
+
+impl Control {
+    /// Serves `socket` on a thread.
+    pub fn start(
+        socket: ControlSocket,
+        backend: Arc<BlkBackend>,
+        handover: Arc<SourceShared>,
+    ) -> Result<Self, DaemonError> {
+        let path = socket.path.clone();
+        let shared = Arc::new(Shared {
+            backend,
+            clients: AtomicUsize::new(0),
+            resizing: Mutex::new(()),
+            handover: handover.clone(),
+        });
+        let listener = socket.listener;
+        std::thread::Builder::new()
+            .name("ubd-control".into())
+            .spawn(move || serve(&listener, &shared))
+            .map_err(|e| DaemonError::Control {
+                path: path.clone(),
+                reason: format!("cannot start its thread: {e}"),
+            })?;
+        log::info!("control socket on {}", path.display());
+        Ok(Self { path, handover })
     }
 }
 
 impl Drop for Control {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // After a handover the path may reach the successor.
+        if !self.handover.keeps_control_path() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -121,15 +188,12 @@ struct Shared {
     clients: AtomicUsize,
     /// Resizes run one at a time.
     resizing: Mutex<()>,
+    /// Handover state (this instance as a source, or where it came from).
+    handover: Arc<SourceShared>,
 }
 
-fn serve(listener: &UnixListener, backend: Arc<BlkBackend>) {
+fn serve(listener: &UnixListener, shared: &Arc<Shared>) {
     let owner = sys::euid();
-    let shared = Arc::new(Shared {
-        backend,
-        clients: AtomicUsize::new(0),
-        resizing: Mutex::new(()),
-    });
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -212,31 +276,55 @@ fn client(stream: &UnixStream, shared: &Shared) -> io::Result<()> {
             };
             return reply(stream, &error(msg));
         }
-        reply(stream, &answer(&line, shared))?;
+        match answer(&line, shared) {
+            Answer::Reply(v) => reply(stream, &v)?,
+            // The connection is the handover's from here on.
+            Answer::Handover(pid) => return shared.handover.drive(stream, pid),
+        }
     }
 }
 
+/// What to do with a request.
+enum Answer {
+    /// Send this reply.
+    Reply(Value),
+    /// A destination registered (its pid): drive the handover.
+    Handover(u32),
+}
+
 /// The reply to one request line.
-fn answer(line: &[u8], shared: &Shared) -> Value {
+fn answer(line: &[u8], shared: &Shared) -> Answer {
     let backend = shared.backend.as_ref();
     let req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => {
-            return error(format!(
+            return Answer::Reply(error(format!(
             "bad request ({e}); send one JSON object per line, e.g. {{\"v\":1,\"cmd\":\"status\"}}"
-        ))
+        )))
         }
     };
     let v = match req {
-        Request::Status { v } | Request::Resize { v, .. } => v,
+        Request::Status { v } | Request::Resize { v, .. } | Request::Handover { v, .. } => v,
     };
     if v != VERSION {
-        return error(format!(
+        return Answer::Reply(error(format!(
             "protocol version {v} is not spoken here (this daemon speaks {VERSION})"
-        ));
+        )));
     }
-    match req {
-        Request::Status { .. } => status(backend),
+    if let Some(why) = shared.handover.refusal() {
+        return Answer::Reply(error(why));
+    }
+    Answer::Reply(match req {
+        Request::Status { .. } => status(backend, &shared.handover),
+        Request::Handover { step, pid, .. } if step == "register" => return Answer::Handover(pid),
+        Request::Handover { step, .. } => error(format!(
+            "handover step {step:?} on a connection that did not register; a destination \
+             sends register first, then every step on the same connection"
+        )),
+        Request::Resize { .. } if !shared.handover.idle() => error(
+            "a live handover is in progress; resize once it has finished (on the instance \
+             that serves then)",
+        ),
         Request::Resize { size, force, .. } => {
             let _one = shared
                 .resizing
@@ -244,10 +332,10 @@ fn answer(line: &[u8], shared: &Shared) -> Value {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             resize(backend, size, force)
         }
-    }
+    })
 }
 
-fn status(backend: &BlkBackend) -> Value {
+fn status(backend: &BlkBackend, handover: &SourceShared) -> Value {
     let disk = backend.disk();
     let info = disk.info();
     let sectors = info.sectors();
@@ -265,6 +353,8 @@ fn status(backend: &BlkBackend) -> Value {
         },
         "device": backend.status(),
         "stats": disk.stats(),
+        "handover": handover.status(),
+        "pid": std::process::id(),
     })
 }
 

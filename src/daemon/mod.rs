@@ -3,8 +3,8 @@
 //! or an inherited `--fd`, claimed in `socket.rs`), one frontend at a time
 //! (each connection is `vhost::connection`'s), and SIGTERM/SIGINT
 //! (`signals.rs`): stop taking requests, let those in flight complete,
-//! persist the disk, exit 0. The control socket of the life-cycle work
-//! (suspend, hand over, resize) will live here too.
+//! persist the disk, exit 0. The control socket (`control.rs`: status,
+//! resize) and the live handover to a new instance (`handover/`).
 
 use std::{
     os::fd::RawFd,
@@ -20,7 +20,6 @@ use thiserror::Error;
 
 use crate::{
     disk::DiskError,
-    engine::sys::Signals,
     vhost::{
         connection::{serve_one, ConnectionError, Disconnect, Listener},
         BlkBackend,
@@ -28,9 +27,11 @@ use crate::{
 };
 
 pub mod control;
+pub mod handover;
 mod signals;
 mod socket;
 
+pub use crate::engine::sys::Signals;
 pub use signals::block_signals;
 pub use socket::SocketClaim;
 
@@ -44,6 +45,9 @@ pub enum ListenOn {
     Path(PathBuf),
     /// An inherited, already listening socket (systemd socket activation).
     Fd(RawFd),
+    /// The listening socket a predecessor passes (`--takeover` of an
+    /// instance that served an inherited socket).
+    Handed,
 }
 
 /// Daemon errors.
@@ -88,6 +92,14 @@ pub enum DaemonError {
         /// Why, and what to do.
         reason: String,
     },
+    /// A live handover failed or was refused.
+    #[error("handover from the instance at {ctl}: {reason}")]
+    Handover {
+        /// The old instance's control socket.
+        ctl: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// The socket's lock file cannot be used.
     #[error("cannot lock {lock} (the lock file of socket {socket}): {source}")]
     SocketLock {
@@ -101,53 +113,131 @@ pub enum DaemonError {
     },
 }
 
-/// Serves `backend` until SIGTERM/SIGINT; then drains and persists.
+/// What the daemon serves on: its listening socket (bound, inherited or
+/// passed by a predecessor), the socket path's claim, the control socket,
+/// what its arguments say (for a successor), and the predecessor of a
+/// takeover still waiting for this instance's commit.
+#[derive(Debug)]
+pub struct Serving {
+    /// The listening socket.
+    pub listener: Listener,
+    /// Where it is, for logs.
+    pub listen_desc: String,
+    /// The socket path's claim (`--socket`).
+    pub claim: Option<SocketClaim>,
+    /// The control socket.
+    pub control: Option<control::ControlSocket>,
+    /// True when `control` was passed by the predecessor (it is served
+    /// only once the predecessor has let go).
+    pub control_adopted: bool,
+    /// What this instance serves, as its arguments say.
+    pub spec: handover::Spec,
+    /// `--takeover`: the predecessor, with this instance's disk built.
+    pub takeover: Option<handover::Takeover>,
+}
+
+/// Binds (or adopts) the listening socket of `listen`.
+pub fn listen(listen: &ListenOn) -> Result<(Listener, String), DaemonError> {
+    Ok(match listen {
+        ListenOn::Path(p) => (Listener::bind(p)?, p.display().to_string()),
+        ListenOn::Fd(fd) => (
+            Listener::from_owned(socket::adopt_listening_fd(*fd)?)?,
+            format!("inherited fd {fd}"),
+        ),
+        ListenOn::Handed => {
+            return Err(DaemonError::BadFd {
+                fd: -1,
+                reason: "the running instance served an inherited socket and did not pass it; \
+                         start the new instance the way the old one was started (--fd)"
+                    .into(),
+            })
+        }
+    })
+}
+
+/// Serves `backend` until SIGTERM/SIGINT (then drains and persists) or a
+/// handover to a new instance (then exits leaving the files to it).
 pub fn run(
     backend: Arc<BlkBackend>,
-    listen: &ListenOn,
-    control: Option<&std::path::Path>,
+    serving: Serving,
     signals: Signals,
 ) -> Result<(), DaemonError> {
-    let mut listener = match listen {
-        ListenOn::Path(p) => Listener::bind(p)?,
-        ListenOn::Fd(fd) => Listener::from_owned(socket::adopt_listening_fd(*fd)?),
-    };
-    let _control = control
-        .map(|p| control::Control::start(p, backend.clone()))
-        .transpose()?;
+    let Serving {
+        listener,
+        listen_desc,
+        claim,
+        control,
+        control_adopted,
+        spec,
+        takeover,
+    } = serving;
     let stop = Arc::new(AtomicBool::new(false));
     let disconnect = Disconnect::default();
+    let handover = Arc::new(handover::SourceShared::new(handover::SourceCtx {
+        spec,
+        backend: backend.clone(),
+        listener: listener.clone(),
+        disconnect: disconnect.clone(),
+        stop: stop.clone(),
+        claim: claim.as_ref().and_then(|c| c.dup().ok()),
+        control: control.as_ref().and_then(|c| c.dup().ok()),
+    }));
+    let start_control =
+        |c: control::ControlSocket| control::Control::start(c, backend.clone(), handover.clone());
+    let mut _control = None;
+    let mut control = control;
+    if let Some(mut t) = takeover {
+        let pid = t.source_pid();
+        handover.set_destination("built", pid);
+        if !control_adopted {
+            _control = control.take().map(start_control).transpose()?;
+        }
+        let source_alive = t.commit()?;
+        handover.set_destination("committed", pid);
+        if source_alive {
+            t.live(control_adopted);
+        }
+        handover.set_destination("live", pid);
+        log::info!("handover: live (took over from pid {pid})");
+    }
+    if _control.is_none() {
+        _control = control.take().map(start_control).transpose()?;
+    }
     {
-        let (stop, disconnect, backend) = (stop.clone(), disconnect.clone(), backend.clone());
-        let listen_fd = listener.fd();
+        let (stop, disconnect, backend, listener) = (
+            stop.clone(),
+            disconnect.clone(),
+            backend.clone(),
+            listener.clone(),
+        );
         std::thread::Builder::new()
             .name("ubd-signals".into())
             .spawn(move || {
-                signals::wait_and_stop(&signals, &stop, &disconnect, &backend, listen_fd);
+                signals::wait_and_stop(&signals, &stop, &disconnect, &backend, &listener);
             })
             .map_err(DaemonError::Signals)?;
     }
     let info = backend.disk().info().clone();
-    match listen {
-        ListenOn::Path(p) => log::info!(
-            "serving {} ({} disk, {} sectors) on {}",
-            info.path.display(),
-            info.kind,
-            info.sectors(),
-            p.display()
-        ),
-        ListenOn::Fd(fd) => log::info!(
-            "serving {} ({} disk, {} sectors) on inherited fd {fd}",
-            info.path.display(),
-            info.kind,
-            info.sectors()
-        ),
-    }
+    log::info!(
+        "serving {} ({} disk, {} sectors) on {listen_desc}",
+        info.path.display(),
+        info.kind,
+        info.sectors()
+    );
     while !stop.load(Ordering::Acquire) {
-        if !serve_one(&backend, &mut listener, &stop, &disconnect, DRAIN_TIMEOUT)? {
+        if !serve_one(&backend, &listener, &stop, &disconnect, DRAIN_TIMEOUT)? {
             break;
         }
         log_stats(&backend);
+    }
+    if handover.passing() {
+        // The files are (or may be, if this instance is stopped halfway)
+        // the successor's: nothing more is written, nothing removed.
+        backend.disk().retire(true);
+        backend.disk().shutdown()?;
+        log_stats(&backend);
+        log::info!("handed over; exiting");
+        return Ok(());
     }
     log::info!("stopping: persisting {}", info.path.display());
     backend.disk().shutdown()?;

@@ -4,15 +4,15 @@
 //! SIGHUP is ignored. The signals are blocked in every thread and taken by
 //! one signal thread with `sigwait`.
 
-use std::{
-    os::fd::RawFd,
-    sync::atomic::{AtomicBool, Ordering},
-};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{DaemonError, DRAIN_TIMEOUT};
 use crate::{
-    engine::sys::{self, Signals},
-    vhost::{connection::Disconnect, BlkBackend},
+    engine::sys::Signals,
+    vhost::{
+        connection::{Disconnect, Listener},
+        BlkBackend,
+    },
 };
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread it
@@ -27,7 +27,7 @@ pub(super) fn wait_and_stop(
     stop: &AtomicBool,
     disconnect: &Disconnect,
     backend: &BlkBackend,
-    listen_fd: RawFd,
+    listener: &Listener,
 ) {
     let sig = loop {
         match signals.wait() {
@@ -38,8 +38,9 @@ pub(super) fn wait_and_stop(
     };
     log::info!("signal {sig}: draining requests in flight");
     stop.store(true, Ordering::Release);
-    // Wake `accept` if no frontend is connected.
-    sys::shutdown_socket(listen_fd);
+    // Wake `accept` if no frontend is connected (without touching the
+    // socket itself: after a handover, another instance serves it).
+    listener.wake();
     if disconnect.connected() {
         if !backend.drain(DRAIN_TIMEOUT) {
             log::error!("requests still in flight after {DRAIN_TIMEOUT:?}; disconnecting anyway");

@@ -60,6 +60,24 @@ impl SocketClaim {
     }
 }
 
+impl SocketClaim {
+    /// A new descriptor of the lock file (a handover passes the claim on).
+    pub fn dup(&self) -> std::io::Result<OwnedFd> {
+        self._file.try_clone().map(OwnedFd::from)
+    }
+
+    /// Holds a claim the previous instance passed (its lock came with the
+    /// open file description) and writes this process's pid into it.
+    pub fn adopt(file: std::fs::File) -> std::io::Result<Self> {
+        use std::io::{Seek, Write};
+        let mut f = file;
+        f.set_len(0)?;
+        f.rewind()?;
+        writeln!(f, "{}", std::process::id())?;
+        Ok(Self { _file: f })
+    }
+}
+
 /// Adopts an inherited listening socket; refuses any other descriptor.
 pub(super) fn adopt_listening_fd(fd: RawFd) -> Result<OwnedFd, DaemonError> {
     sys::adopt_listening_socket(fd).map_err(|e| DaemonError::BadFd {

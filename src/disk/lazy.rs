@@ -100,6 +100,10 @@ impl DiskQueue for LazyQueue {
         }
     }
 
+    fn wake(&self) {
+        self.event.signal();
+    }
+
     fn event_fd(&self) -> RawFd {
         self.event.as_raw_fd()
     }

@@ -281,6 +281,28 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
             reason: format!("a {} disk cannot be resized", self.info().kind),
         })
     }
+    /// What a new daemon instance needs to serve this disk without
+    /// reopening anything (a live handover): new descriptors of the open
+    /// files (their open file descriptions, so the locks go with them)
+    /// and what is known about them. Call on a persisted, idle disk.
+    fn export(&self) -> Result<handover::DiskExport, DiskError>;
+    /// Handed over (`true`): every later request fails with EIO, and
+    /// shutdown writes nothing and leaves the files (the crash journal
+    /// included) to the new instance. `false` takes the disk back (the
+    /// new instance died before it served).
+    fn retire(&self, retired: bool);
+}
+
+pub mod handover;
+
+/// Makes every completed write durable (with its COW bits): a FLUSH, for
+/// a disk that takes no more requests (a live handover's suspend).
+pub fn persist(disk: &dyn Disk) -> Result<(), DiskError> {
+    let setup = |errno: i32| DiskError::Persist {
+        path: disk.info().path.clone(),
+        source: io::Error::from_raw_os_error(errno),
+    };
+    Blocking::new(disk)?.flush().map_err(setup)
 }
 
 /// Counters of a disk, for tests, logs and benchmarks.
@@ -314,6 +336,10 @@ pub trait DiskQueue: Send {
     fn wait(&self, timeout: Option<Duration>);
     /// Requests accepted and not yet completed.
     fn in_flight(&self) -> usize;
+    /// Makes the event fd readable (the owner then looks for work of its
+    /// own, e.g. rings to pop after a suspend). Queues that do not own
+    /// their event fd do nothing.
+    fn wake(&self) {}
 }
 
 /// Options for opening a disk.

@@ -43,6 +43,8 @@ struct Shared {
     info: DiskInfo,
     writeback: AtomicBool,
     closed: AtomicBool,
+    /// Handed over to another instance: nothing more is written.
+    retired: AtomicBool,
     ring_entries: u32,
     observer: Option<super::Observer>,
     /// `O_DIRECT` writes go through Linux AIO (`--aio native`).
@@ -78,6 +80,21 @@ impl RawDisk {
             oo.open(path).map_err(open_err)?
         };
         ofd_lock(&file, path, !opts.readonly, "raw image")?;
+        Self::adopt(path, file, direct, opts)
+    }
+
+    /// Serves an image already open and locked (by this process, or by the
+    /// instance that handed it over).
+    pub fn adopt(
+        path: &Path,
+        file: File,
+        direct: bool,
+        opts: &DiskOptions,
+    ) -> Result<Self, DiskError> {
+        let open_err = |e| DiskError::OpenRaw {
+            path: path.to_path_buf(),
+            source: e,
+        };
         let meta = file.metadata().map_err(open_err)?;
         let len = (&file).seek(SeekFrom::End(0)).map_err(open_err)?;
         if len % SECTOR != 0 {
@@ -99,6 +116,7 @@ impl RawDisk {
             file,
             writeback: AtomicBool::new(opts.writeback),
             closed: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             ring_entries: opts.ring_entries,
             observer: opts.observer.clone(),
             aio_writes: opts.aio == AioMode::Native,
@@ -183,10 +201,31 @@ impl Disk for RawDisk {
         Ok(())
     }
 
+    fn export(&self) -> Result<super::handover::DiskExport, DiskError> {
+        let s = &self.shared;
+        let fd = s.file.try_clone().map_err(|e| DiskError::Setup {
+            path: s.info.path.clone(),
+            source: e,
+        })?;
+        Ok(super::handover::DiskExport {
+            meta: super::handover::DiskMeta::Raw {
+                path: s.info.path.clone(),
+                direct: s.info.direct,
+            },
+            fds: vec![("image", fd.into())],
+        })
+    }
+
+    fn retire(&self, retired: bool) {
+        let s = &self.shared;
+        s.retired.store(retired, Ordering::Release);
+        s.closed.store(retired, Ordering::Release);
+    }
+
     fn shutdown(&self) -> Result<(), DiskError> {
         let s = &self.shared;
         s.closed.store(true, Ordering::Relaxed);
-        if s.info.readonly {
+        if s.info.readonly || s.retired.load(Ordering::Acquire) {
             return Ok(());
         }
         s.file.sync_data().map_err(|e| DiskError::Persist {
@@ -216,7 +255,7 @@ impl RawQueue {
     fn flags(&self) -> (bool, bool) {
         (
             self.shared.writeback.load(Ordering::Relaxed),
-            self.shared.closed.load(Ordering::Relaxed),
+            self.shared.closed.load(Ordering::Acquire),
         )
     }
 

@@ -268,12 +268,25 @@ impl BufReturn {
 
 /// Bytes read and set with atomics by threads while the kernel writes
 /// ranges of them to a file (the COW bitmap, R1).
-pub struct AtomicBytes(Box<[AtomicU8]>);
+pub struct AtomicBytes(Cells);
+
+/// Where the cells of an [`AtomicBytes`] live.
+enum Cells {
+    /// The process heap.
+    Heap(Box<[AtomicU8]>),
+    /// A memfd mapped shared: another process can map the same bytes (a
+    /// live handover passes the COW bitmap this way, without a copy).
+    Shared {
+        map: super::shm::SharedMap,
+        file: std::fs::File,
+    },
+}
 
 impl std::fmt::Debug for AtomicBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AtomicBytes")
-            .field("len", &self.0.len())
+            .field("len", &self.as_slice().len())
+            .field("shared", &self.memfd().is_some())
             .finish()
     }
 }
@@ -289,12 +302,69 @@ impl AtomicBytes {
         // as `u8` (documented in std), and the allocation came from a
         // `Box<[u8]>` of `len` elements, so it is a valid `Box<[AtomicU8]>`.
         let bytes = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) };
-        Self(bytes)
+        Self(Cells::Heap(bytes))
+    }
+
+    /// `len` zero bytes in a fresh memfd named `name` (pages never touched
+    /// take no memory), filled by `init` before anyone else can see them.
+    /// Empty byte arrays live on the heap (there is nothing to share).
+    pub fn shared<T>(
+        name: &str,
+        len: usize,
+        init: impl FnOnce(&mut [u8]) -> io::Result<T>,
+    ) -> io::Result<(Self, T)> {
+        if len == 0 {
+            let mut v = Vec::new();
+            let t = init(&mut v)?;
+            return Ok((Self::from_vec(v), t));
+        }
+        let file = super::sys::memfd(name)?;
+        file.set_len(len as u64)?;
+        let map = super::shm::SharedMap::map(&file, 0, len)?;
+        // SAFETY: a fresh private memfd, mapped just now and `len` bytes
+        // long: no other reference to these bytes exists while `init` runs
+        // (the descriptor has not left this function), and the slice does
+        // not outlive this statement.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), len) };
+        let t = init(bytes)?;
+        Ok((Self(Cells::Shared { map, file }), t))
+    }
+
+    /// Maps the bytes of a memfd another process filled (see
+    /// [`AtomicBytes::memfd`]); it must be exactly `len` bytes long.
+    pub fn from_memfd(file: std::fs::File, len: usize) -> io::Result<Self> {
+        let have = file.metadata()?.len();
+        if have != len as u64 || len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("shared bytes of {have} bytes where {len} were expected"),
+            ));
+        }
+        let map = super::shm::SharedMap::map(&file, 0, len)?;
+        Ok(Self(Cells::Shared { map, file }))
+    }
+
+    /// The memfd holding the bytes, when they live in one.
+    pub fn memfd(&self) -> Option<&std::fs::File> {
+        match &self.0 {
+            Cells::Heap(_) => None,
+            Cells::Shared { file, .. } => Some(file),
+        }
     }
 
     /// The bytes.
     pub fn as_slice(&self) -> &[AtomicU8] {
-        &self.0
+        match &self.0 {
+            Cells::Heap(b) => b,
+            // SAFETY: a live shared mapping of `len` readable and writable
+            // bytes (unmapped only when `self` drops, and the slice borrows
+            // `self`); `AtomicU8` has the size, alignment and bit validity of
+            // `u8`, and all access goes through atomics, so other threads or
+            // another process mapping the memfd may store concurrently.
+            Cells::Shared { map, .. } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().cast::<AtomicU8>(), map.len())
+            },
+        }
     }
 
     /// Bytes `range`, to write to a file; the operation keeps `self`
@@ -307,7 +377,7 @@ impl AtomicBytes {
     pub fn io_vecs(self: &Arc<Self>, range: Range<u64>) -> Option<IoVecs> {
         let start = usize::try_from(range.start).ok()?;
         let end = usize::try_from(range.end).ok()?;
-        let cells = self.0.get(start..end)?;
+        let cells = self.as_slice().get(start..end)?;
         let owner: Owner = self.clone();
         Some(IoVecs {
             iov: vec![libc::iovec {
@@ -366,5 +436,28 @@ mod tests {
         assert_eq!(b.io_vecs(0..3).unwrap().len(), 3);
         assert!(b.io_vecs(1..4).is_none());
         assert!(!b.io_vecs(0..1).unwrap().writable());
+    }
+
+    #[test]
+    fn shared_bytes_are_seen_through_the_memfd_by_a_second_mapping() {
+        use std::sync::atomic::Ordering;
+        let (a, n) = AtomicBytes::shared("test", 8192, |b| {
+            b[5] = 7;
+            Ok(3)
+        })
+        .unwrap();
+        assert_eq!(n, 3);
+        let fd = a.memfd().unwrap().try_clone().unwrap();
+        let b = AtomicBytes::from_memfd(fd, 8192).unwrap();
+        assert_eq!(b.as_slice()[5].load(Ordering::Relaxed), 7);
+        a.as_slice()[8191].store(9, Ordering::Relaxed);
+        assert_eq!(b.as_slice()[8191].load(Ordering::Relaxed), 9);
+        let short = a.memfd().unwrap().try_clone().unwrap();
+        assert!(
+            AtomicBytes::from_memfd(short, 4096).is_err(),
+            "length checked"
+        );
+        let (e, ()) = AtomicBytes::shared("empty", 0, |_| Ok(())).unwrap();
+        assert!(e.as_slice().is_empty() && e.memfd().is_none());
     }
 }

@@ -177,6 +177,12 @@ pub fn euid() -> u32 {
 /// The user id of the process at the other end of a UNIX socket
 /// (`SO_PEERCRED`, taken when it connected).
 pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
+    peer_cred(fd).map(|(uid, _)| uid)
+}
+
+/// The user and process ids of the process at the other end of a UNIX
+/// socket (`SO_PEERCRED`, taken when it connected).
+pub fn peer_cred(fd: RawFd) -> io::Result<(u32, u32)> {
     // SAFETY: `ucred` is a plain C struct for which all-zero is valid.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(12);
@@ -193,12 +199,107 @@ pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok((cred.uid, u32::try_from(cred.pid).unwrap_or(0)))
 }
 
-/// Shuts a socket down both ways (wakes a thread blocked in `accept`).
-pub fn shutdown_socket(fd: RawFd) {
-    // SAFETY: shutdown takes no memory; on a descriptor that is not a
-    // socket it fails harmlessly.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+/// A new anonymous memory file (`memfd_create`, close-on-exec).
+pub fn memfd(name: &str) -> io::Result<File> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "memfd name"))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call's
+    // duration; the result is checked before it is owned.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just created for this process, owned once.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Waits up to `timeout_ms` (-1: no limit) until one of `fds` is readable;
+/// returns which are (all false on a timeout or EINTR).
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let n = libc::nfds_t::try_from(pfds.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"))?;
+    // SAFETY: `pfds` is a valid array of `n` pollfd structs that poll may
+    // write `revents` into, alive for the call.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+        .collect())
+}
+
+/// Largest number of descriptors [`send_fds`] / [`recv_fds`] carry in one
+/// message.
+pub const MAX_PASSED_FDS: usize = 16;
+
+/// Sends `bytes` with `fds` attached (`SCM_RIGHTS`) on a UNIX stream
+/// socket; the receiver gets new descriptors of the same open file
+/// descriptions (their locks and offsets included).
+pub fn send_fds(
+    stream: &std::os::unix::net::UnixStream,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    if fds.len() > MAX_PASSED_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors",
+        ));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let sent = stream
+        .send_with_fds(&[bytes], &raw)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    // The descriptors went with the first bytes; the rest is plain data.
+    let rest = bytes.get(sent..).unwrap_or_default();
+    io::Write::write_all(&mut &*stream, rest)
+}
+
+/// Receives up to `buf.len()` bytes and the descriptors attached to them
+/// (owned, close-on-exec). `Ok((0, _))` is the end of the stream.
+pub fn recv_fds(
+    stream: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut raw = [-1 as RawFd; MAX_PASSED_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec points at `buf`, writable for its length and
+    // borrowed mutably for the call; `raw` has room for MAX_PASSED_FDS.
+    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let mut owned = Vec::new();
+    for &fd in raw.iter().take(nfds) {
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: the kernel installed `fd` in this process for this
+        // message (SCM_RIGHTS); nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fcntl on a descriptor we own; no memory involved.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        owned.push(fd);
+    }
+    Ok((n, owned))
 }

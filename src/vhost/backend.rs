@@ -289,6 +289,10 @@ impl VhostUserBackend for BlkBackend {
         let mut w = lock(worker);
         if disk {
             self.reap(&mut w, vring);
+            if w.repoll {
+                w.repoll = false;
+                self.process_queue(&mut w, vring);
+            }
         } else {
             self.process_queue(&mut w, vring);
         }

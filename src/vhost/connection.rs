@@ -5,7 +5,10 @@
 //! die, and the end of the connection sorted into "disconnected" and why.
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd},
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -38,8 +41,24 @@ pub enum ConnectionError {
     Daemon(String),
 }
 
-/// The listening socket, for the daemon's whole life.
-pub struct Listener(vhost::vhost_user::Listener);
+/// The listening socket, for the daemon's whole life (or until a live
+/// handover passes it on). Accepting waits in `poll` on the socket and a
+/// wake-up event, so that a signal or a handover can stop it without
+/// touching the socket (which a new instance may be serving), and it
+/// accepts only while the gate is open ([`ListenHandle::pause`]).
+#[derive(Clone)]
+pub struct Listener(Arc<ListenInner>);
+
+struct ListenInner {
+    sock: std::os::unix::net::UnixListener,
+    wake: crate::engine::EventFd,
+    /// Accepting allowed; taken around every accept.
+    open: Mutex<bool>,
+}
+
+/// Another thread's hold on the listener: wake it, pause it, lend its
+/// descriptor.
+pub type ListenHandle = Listener;
 
 impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,25 +67,104 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Binds `path` (an existing socket file is replaced).
+    /// Binds `path` (an existing socket file is replaced). The file is not
+    /// removed when the listener goes: a new instance may serve it.
     pub fn bind(path: &Path) -> Result<Self, ConnectionError> {
-        vhost::vhost_user::Listener::new(path, true)
-            .map(Self)
-            .map_err(|source| ConnectionError::Listen {
-                path: path.to_path_buf(),
-                source,
-            })
+        let err = |e: std::io::Error| ConnectionError::Listen {
+            path: path.to_path_buf(),
+            source: vhost::vhost_user::Error::SocketError(e),
+        };
+        let _ = std::fs::remove_file(path);
+        let sock = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+        Self::new(sock).map_err(err)
     }
 
     /// Serves on a listening socket the process owns.
-    pub fn from_owned(fd: OwnedFd) -> Self {
-        // SAFETY: `fd` is an owned listening socket, handed over whole.
-        Self(unsafe { vhost::vhost_user::Listener::from_raw_fd(fd.into_raw_fd()) })
+    pub fn from_owned(fd: OwnedFd) -> Result<Self, ConnectionError> {
+        Self::new(std::os::unix::net::UnixListener::from(fd)).map_err(|e| ConnectionError::Listen {
+            path: PathBuf::from("(inherited socket)"),
+            source: vhost::vhost_user::Error::SocketError(e),
+        })
     }
 
-    /// The socket's descriptor (to wake `accept` at shutdown).
+    fn new(sock: std::os::unix::net::UnixListener) -> std::io::Result<Self> {
+        // Non-blocking: another process may take a connection between the
+        // poll and the accept.
+        sock.set_nonblocking(true)?;
+        Ok(Self(Arc::new(ListenInner {
+            sock,
+            wake: crate::engine::EventFd::new()?,
+            open: Mutex::new(true),
+        })))
+    }
+
+    /// The socket's descriptor.
     pub fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.0.sock.as_raw_fd()
+    }
+
+    /// A new descriptor of the socket (to pass to another process).
+    pub fn dup(&self) -> std::io::Result<OwnedFd> {
+        self.0.sock.as_fd().try_clone_to_owned()
+    }
+
+    /// Wakes a thread waiting to accept (it then looks at its stop flag).
+    pub fn wake(&self) {
+        self.0.wake.signal();
+    }
+
+    /// Stops accepting: once this returns, no connection is accepted
+    /// until [`Listener::resume`].
+    pub fn pause(&self) {
+        *lock(&self.0.open) = false;
+        self.wake();
+    }
+
+    /// Accepts again after [`Listener::pause`].
+    pub fn resume(&self) {
+        *lock(&self.0.open) = true;
+        self.wake();
+    }
+
+    /// Waits for a connection; `None` when woken (or `stop` was set).
+    fn accept(&self, stop: &AtomicBool) -> std::io::Result<Option<UnixStream>> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            let open = *lock(&self.0.open);
+            let fds = if open {
+                vec![self.0.wake.as_raw_fd(), self.fd()]
+            } else {
+                vec![self.0.wake.as_raw_fd()]
+            };
+            let ready = crate::engine::sys::poll_readable(&fds, 1000)?;
+            if ready.first() == Some(&true) {
+                self.0.wake.drain();
+                return Ok(None);
+            }
+            if ready.get(1) != Some(&true) {
+                continue;
+            }
+            let gate = lock(&self.0.open);
+            if !*gate {
+                continue;
+            }
+            match self.0.sock.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    return Ok(Some(s));
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -106,7 +204,7 @@ impl Disconnect {
 /// was set before a frontend connected.
 pub fn serve_one(
     backend: &Arc<BlkBackend>,
-    listener: &mut Listener,
+    listener: &Listener,
     stop: &AtomicBool,
     disconnect: &Disconnect,
     drain_timeout: Duration,
@@ -122,12 +220,19 @@ pub fn serve_one(
         }
     }
     log::info!("waiting for a vhost-user frontend");
-    if let Err(e) = daemon.start(&mut listener.0) {
-        if stop.load(Ordering::Acquire) {
-            return Ok(false);
+    let stream = loop {
+        match listener.accept(stop) {
+            Ok(Some(s)) => break s,
+            Ok(None) if stop.load(Ordering::Acquire) => return Ok(false),
+            Ok(None) => {}
+            Err(e) => {
+                log::error!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        log::error!("accept failed: {e}");
-        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Err(e) = daemon.start_stream(stream) {
+        log::error!("cannot serve the connection: {e}");
         return Ok(true);
     }
     log::info!("frontend connected");

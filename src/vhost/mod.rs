@@ -192,6 +192,7 @@ impl BlkBackend {
                 inflight: None,
                 counter: 1,
                 recover: false,
+                repoll: false,
             }));
         }
         let wce = !cfg.writethrough;
@@ -272,6 +273,46 @@ impl BlkBackend {
     pub fn drain(&self, timeout: Duration) -> bool {
         self.stopping.store(true, Ordering::Release);
         self.wait_idle(timeout)
+    }
+
+    /// Suspends the device (a live handover): no request is popped from
+    /// here on (the guest's stay in the rings, for whoever serves next),
+    /// and the ones popped complete. False if some were still in flight
+    /// after `timeout` (the caller then resumes).
+    pub fn suspend(&self, timeout: Duration) -> bool {
+        self.drain(timeout)
+    }
+
+    /// Takes requests again after [`BlkBackend::suspend`]: each queue pops
+    /// what the guest queued meanwhile (its kicks were taken unanswered).
+    pub fn resume(&self) {
+        self.stopping.store(false, Ordering::Release);
+        for w in &self.workers {
+            let mut w = lock(w);
+            w.repoll = true;
+            w.queue.wake();
+        }
+    }
+
+    /// Counters to carry over to the instance that takes over.
+    pub fn counters(&self) -> (u64, u64, bool) {
+        (
+            self.stats.completed.load(Ordering::Relaxed),
+            self.stats.bad_requests.load(Ordering::Relaxed),
+            self.resized.load(Ordering::Acquire),
+        )
+    }
+
+    /// Continues a predecessor's counters; `resized`: the disk was resized
+    /// under it, so the next frontend is told.
+    pub fn restore_counters(&self, completed: u64, bad_requests: u64, resized: bool) {
+        self.stats.completed.store(completed, Ordering::Relaxed);
+        self.stats
+            .bad_requests
+            .store(bad_requests, Ordering::Relaxed);
+        if resized {
+            self.resized.store(true, Ordering::Release);
+        }
     }
 
     /// Requests in flight on all queues.

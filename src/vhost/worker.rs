@@ -90,6 +90,9 @@ pub(super) struct Worker {
     pub(super) counter: u64,
     /// Resubmit the heads the region says are in flight before popping.
     pub(super) recover: bool,
+    /// Pop at the next disk event: the backend resumed after a suspend,
+    /// and kicks that came meanwhile were taken without popping.
+    pub(super) repoll: bool,
 }
 
 impl std::fmt::Debug for Worker {

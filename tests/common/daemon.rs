@@ -75,6 +75,8 @@ pub struct DaemonBuilder {
     append_log: bool,
     die_with_parent: bool,
     envs: Vec<(String, String)>,
+    /// `serve --takeover CTL`, serving the socket of the instance behind it.
+    takeover: Option<(PathBuf, PathBuf)>,
 }
 
 impl DaemonBuilder {
@@ -90,7 +92,19 @@ impl DaemonBuilder {
             append_log: false,
             die_with_parent: false,
             envs: Vec::new(),
+            takeover: None,
         }
+    }
+
+    /// `serve --takeover CTL`: a new instance that takes the disk and the
+    /// listening socket `socket` over from the daemon whose control socket
+    /// is `ctl` (no `--socket`, no default `--crash-journal`: both are taken
+    /// over). [`DaemonBuilder::spawn`] then returns at once, without
+    /// waiting for a socket (the old instance's listens already); wait for
+    /// the log line `handover: live` or the old instance's exit.
+    pub fn takeover(mut self, ctl: &Path, socket: &Path) -> Self {
+        self.takeover = Some((ctl.to_path_buf(), socket.to_path_buf()));
+        self
     }
 
     /// An environment variable for the daemon (the test hooks of
@@ -194,9 +208,14 @@ impl DaemonBuilder {
     /// Starts the daemon and waits until its socket listens; panics (with
     /// the log) if it exits first or the socket does not listen in time.
     pub fn spawn(self) -> Daemon {
-        let socket = self.dir.join(format!("{}.sock", self.name));
+        let socket = match &self.takeover {
+            Some((_, s)) => s.clone(),
+            None => self.dir.join(format!("{}.sock", self.name)),
+        };
         let log = self.dir.join(format!("{}.log", self.name));
-        let _ = std::fs::remove_file(&socket);
+        if self.takeover.is_none() {
+            let _ = std::fs::remove_file(&socket);
+        }
         let out = File::options()
             .create(true)
             .write(true)
@@ -211,13 +230,15 @@ impl DaemonBuilder {
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| self.default_rust_log.clone());
         let mut cmd = Command::new(BINARY);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(&self.args);
+        cmd.arg("serve");
+        match &self.takeover {
+            Some((ctl, _)) => cmd.arg("--takeover").arg(ctl),
+            None => cmd.arg("--socket").arg(&socket),
+        };
+        cmd.args(&self.args);
         // The crash journal goes in the test's own directory (never the
         // shared /dev/shm), the same for every daemon of one test.
-        if !self.args.iter().any(|a| a == "--crash-journal") {
+        if self.takeover.is_none() && !self.args.iter().any(|a| a == "--crash-journal") {
             let j = self.dir.join("journal");
             std::fs::create_dir_all(&j).unwrap_or_else(|e| panic!("{}: {e}", j.display()));
             cmd.arg("--crash-journal").arg(&j);
@@ -244,7 +265,9 @@ impl DaemonBuilder {
             log,
             command: format!("{cmd:?}"),
         };
-        d.wait_for_socket();
+        if self.takeover.is_none() {
+            d.wait_for_socket();
+        }
         d
     }
 }

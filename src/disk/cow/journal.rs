@@ -394,7 +394,13 @@ impl Journal {
                 Ok(()) => {
                     recovered = replay(&f, cow).map_err(io_err("reading the shadow bitmap"))?;
                     let n = run_sectors(&recovered);
-                    log::info!(
+                    let level = if n == 0 {
+                        log::Level::Debug
+                    } else {
+                        log::Level::Info
+                    };
+                    log::log!(
+                        level,
                         "{}: crash journal {}: {n} sectors written and completed by the earlier \
                          daemon are not in the bitmap yet; they read from the COW and get their \
                          bits at the next flush",

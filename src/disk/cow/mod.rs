@@ -66,6 +66,15 @@ impl CowDisk {
                 lock_wait: opts.lock_wait,
             },
         )?;
+        Self::from_file(file, opts)
+    }
+
+    /// Serves a COW file already open, checked and locked, with its
+    /// bitmap loaded (by `open`, or passed by the instance that handed it
+    /// over), and starts the durability thread.
+    pub fn from_file(file: CowFile, opts: &DiskOptions) -> Result<Self, DiskError> {
+        let path = file.path.clone();
+        let path = path.as_path();
         let setup = |e| DiskError::Setup {
             path: path.to_path_buf(),
             source: e,
@@ -120,6 +129,7 @@ impl CowDisk {
             state: Mutex::new(state),
             writeback: AtomicBool::new(opts.writeback),
             closed: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             opts: opts.clone(),
             channel: Channel::new(event.clone()),
             writes_since_sync: AtomicU64::new(0),
@@ -203,6 +213,40 @@ impl Disk for CowDisk {
         })
     }
 
+    fn export(&self) -> Result<crate::disk::handover::DiskExport, DiskError> {
+        let f = &self.shared.file;
+        let err = |e| DiskError::Setup {
+            path: f.path.clone(),
+            source: e,
+        };
+        let dup = |file: &std::fs::File| file.try_clone().map(std::os::fd::OwnedFd::from);
+        let bitmap = f.bitmap.memfd().ok_or_else(|| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the bitmap is not in shared memory",
+            ))
+        })?;
+        Ok(crate::disk::handover::DiskExport {
+            meta: crate::disk::handover::DiskMeta::Cow {
+                path: f.path.clone(),
+                backing: f.backing_path.clone(),
+                direct: f.direct,
+                backing_direct: f.backing_direct,
+            },
+            fds: vec![
+                ("cow-meta", dup(&f.meta_fd).map_err(err)?),
+                ("cow-data", dup(&f.data_fd).map_err(err)?),
+                ("backing", dup(&f.backing_fd).map_err(err)?),
+                ("bitmap", dup(bitmap).map_err(err)?),
+            ],
+        })
+    }
+
+    fn retire(&self, retired: bool) {
+        self.shared.retired.store(retired, Ordering::Release);
+        self.shared.closed.store(retired, Ordering::Release);
+    }
+
     fn shutdown(&self) -> Result<(), DiskError> {
         let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
             return Ok(());
@@ -218,9 +262,12 @@ impl Disk for CowDisk {
         };
         match result {
             Ok(Ok(())) => {
-                // Every completed write is durable with its bits.
+                // Every completed write is durable with its bits (a retired
+                // disk's journal is its successor's).
                 if let Some(j) = &self.shared.journal {
-                    j.remove();
+                    if !self.shared.retired.load(Ordering::Acquire) {
+                        j.remove();
+                    }
                 }
                 Ok(())
             }

@@ -59,6 +59,9 @@ pub struct CowShared {
     pub writeback: AtomicBool,
     /// Shut down: requests fail.
     pub closed: AtomicBool,
+    /// Handed over to another instance (live handover): nothing more is
+    /// written, not even at shutdown.
+    pub retired: AtomicBool,
     /// Options it was opened with.
     pub opts: DiskOptions,
     /// Commands to the durability thread.

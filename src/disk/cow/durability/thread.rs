@@ -228,7 +228,7 @@ impl Meta {
                 self.shutdown.push(tx);
                 // A read-only disk writes no bits (sectors a crash journal
                 // brought back are only routed to the COW, in memory).
-                if !self.shared.opts.readonly {
+                if !self.shared.opts.readonly && !self.shared.retired.load(Ordering::Acquire) {
                     self.epochs.want();
                 }
             }
@@ -236,7 +236,7 @@ impl Meta {
     }
 
     fn maybe_checkpoint(&mut self) {
-        if self.shared.opts.readonly {
+        if self.shared.opts.readonly || self.shared.retired.load(Ordering::Acquire) {
             return;
         }
         let opts = &self.shared.opts;

@@ -1,0 +1,246 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The new instance's side of a handover (`serve --takeover CTL`): it
+//! registers with the running instance, asks it to suspend and receives
+//! its files, commits once its own disk is built, and says when it serves.
+//! Whatever happens to the running instance, the caller learns what it
+//! may do: serve the passed files, open them from disk (the source died
+//! before passing them), or refuse.
+
+use std::{
+    io::Write,
+    os::{fd::OwnedFd, unix::net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use super::{pause, read_line_with_fds, PassedMeta, Spec};
+use crate::{daemon::DaemonError, disk::handover::Received};
+
+/// How long the destination waits for an answer (a suspend waits for the
+/// requests in flight and a persist).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// A registered destination.
+#[derive(Debug)]
+pub struct Takeover {
+    stream: UnixStream,
+    ctl: PathBuf,
+    spec: Spec,
+    source_pid: u32,
+    control_adopted: bool,
+}
+
+/// What the source handed over.
+#[derive(Debug)]
+pub enum Handed {
+    /// Its files, ready to serve.
+    Passed {
+        /// What they are, and the counters.
+        meta: PassedMeta,
+        /// The descriptors, by name.
+        fds: Received,
+    },
+    /// The source died after registering and before it passed anything:
+    /// the files are as its last persist left them (R5), unlocked once the
+    /// kernel has finished its I/O; open them as a fresh start would.
+    SourceGone(String),
+}
+
+impl Takeover {
+    /// Connects to the control socket `ctl` and registers as the running
+    /// instance's destination; returns what it serves.
+    pub fn register(ctl: &Path) -> Result<Self, DaemonError> {
+        let err = |reason: String| DaemonError::Handover {
+            ctl: ctl.to_path_buf(),
+            reason,
+        };
+        let stream = UnixStream::connect(ctl).map_err(|e| {
+            err(format!(
+                "cannot connect ({e}); is a vhost-user-ubd running with --control {}?",
+                ctl.display()
+            ))
+        })?;
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|e| err(e.to_string()))?;
+        let mut t = Self {
+            stream,
+            ctl: ctl.to_path_buf(),
+            spec: Spec::default(),
+            source_pid: 0,
+            control_adopted: false,
+        };
+        let v = t
+            .call("register")
+            .map_err(|why| match why {
+                Call::Refused(r) => err(r),
+                Call::Gone(g) => err(format!(
+                    "the running instance went away before it answered ({g}); nothing was \
+                     handed over. Start vhost-user-ubd without --takeover"
+                )),
+            })?
+            .0;
+        t.spec = serde_json::from_value(v.get("spec").cloned().unwrap_or(Value::Null))
+            .map_err(|e| err(format!("unreadable answer to register: {e}")))?;
+        t.source_pid = v
+            .get("pid")
+            .and_then(Value::as_u64)
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
+        log::info!(
+            "handover: registered with pid {} on {}",
+            t.source_pid,
+            ctl.display()
+        );
+        pause("dst-registered");
+        Ok(t)
+    }
+
+    /// What the running instance serves.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// The running instance's process id.
+    pub fn source_pid(&self) -> u32 {
+        self.source_pid
+    }
+
+    /// The control socket it was reached on.
+    pub fn ctl(&self) -> &Path {
+        &self.ctl
+    }
+
+    /// Gives up: the source serves on. Best effort (closing the connection
+    /// does the same).
+    pub fn abort(mut self, why: &str) {
+        log::warn!(
+            "handover: aborting ({why}); pid {} serves on",
+            self.source_pid
+        );
+        let _ = self.send("abort");
+    }
+
+    /// Asks the source to suspend; returns its files.
+    pub fn suspend(&mut self) -> Result<Handed, DaemonError> {
+        let (v, fds) = match self.call("suspend") {
+            Ok(r) => r,
+            Err(Call::Gone(g)) => return Ok(Handed::SourceGone(g)),
+            Err(Call::Refused(r)) => {
+                return Err(DaemonError::Handover {
+                    ctl: self.ctl.clone(),
+                    reason: format!("the running instance refused to suspend: {r}"),
+                })
+            }
+        };
+        let meta: PassedMeta = serde_json::from_value(
+            v.get("passed").cloned().unwrap_or(Value::Null),
+        )
+        .map_err(|e| DaemonError::Handover {
+            ctl: self.ctl.clone(),
+            reason: format!("unreadable answer to suspend: {e}"),
+        })?;
+        if meta.fds.len() != fds.len() {
+            return Err(DaemonError::Handover {
+                ctl: self.ctl.clone(),
+                reason: format!(
+                    "{} descriptors announced, {} received",
+                    meta.fds.len(),
+                    fds.len()
+                ),
+            });
+        }
+        let fds = Received(meta.fds.iter().cloned().zip(fds).collect());
+        log::info!(
+            "handover: received {} descriptors from pid {}",
+            meta.fds.len(),
+            self.source_pid
+        );
+        pause("dst-received");
+        Ok(Handed::Passed { meta, fds })
+    }
+
+    /// The disk is built: asks the source to let go. `Ok(false)` when the
+    /// source is gone (after passing its files, so they are this
+    /// instance's now).
+    pub fn commit(&mut self) -> Result<bool, DaemonError> {
+        pause("dst-built");
+        match self.call("commit") {
+            Ok(_) => {
+                pause("dst-committed");
+                Ok(true)
+            }
+            Err(Call::Gone(g)) => {
+                log::warn!(
+                    "handover: pid {} went away after passing its files ({g}); serving them",
+                    self.source_pid
+                );
+                Ok(false)
+            }
+            Err(Call::Refused(r)) => Err(DaemonError::Handover {
+                ctl: self.ctl.clone(),
+                reason: format!("the running instance refused to commit: {r}"),
+            }),
+        }
+    }
+
+    /// Tells the source that this instance serves now (it exits). Call
+    /// right before serving: once it is sent, the source will not serve
+    /// again.
+    /// `control_adopted`: this instance serves the source's control socket
+    /// (its path stays when the source exits).
+    pub fn live(mut self, control_adopted: bool) {
+        self.control_adopted = control_adopted;
+        if let Err(e) = self.send("live") {
+            log::debug!("handover: live not delivered ({e}); the source is gone");
+            return;
+        }
+        // Its answer only confirms; it exits either way.
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = read_line_with_fds(&self.stream, 1 << 16);
+    }
+
+    fn send(&mut self, step: &str) -> std::io::Result<()> {
+        let mut line = json!({
+            "v": 1,
+            "cmd": "handover",
+            "step": step,
+            "pid": std::process::id(),
+            "control_adopted": self.control_adopted,
+        })
+        .to_string();
+        line.push('\n');
+        self.stream.write_all(line.as_bytes())
+    }
+
+    fn call(&mut self, step: &str) -> Result<(Value, Vec<OwnedFd>), Call> {
+        self.send(step).map_err(|e| Call::Gone(e.to_string()))?;
+        let (line, fds) = match read_line_with_fds(&self.stream, 1 << 20) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Call::Gone("its control connection closed".into())),
+            Err(e) => return Err(Call::Gone(e.to_string())),
+        };
+        let v: Value = serde_json::from_slice(&line)
+            .map_err(|e| Call::Refused(format!("unreadable answer: {e}")))?;
+        if v.get("ok") == Some(&Value::Bool(true)) {
+            Ok((v, fds))
+        } else {
+            Err(Call::Refused(
+                v.get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("refused")
+                    .to_owned(),
+            ))
+        }
+    }
+}
+
+/// Why a step got no positive answer.
+enum Call {
+    /// The source answered with an error.
+    Refused(String),
+    /// The source is gone (closed, died, silent).
+    Gone(String),
+}

@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A disk as one daemon instance hands it to the next (live handover):
+//! the open files go as descriptors of the same open file descriptions
+//! (their OFD locks with them: the COW is never unlocked), the COW bitmap
+//! as its memfd (no copy, no re-read), the rest as JSON. The receiving side
+//! checks what it gets as it would check a file it opened.
+
+use std::{fs::File, os::fd::OwnedFd, path::PathBuf, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Disk, DiskError, DiskOptions};
+
+/// What is said about the passed files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DiskMeta {
+    /// A raw image: descriptor `image`.
+    Raw {
+        /// The image's path (logs, the serial).
+        path: PathBuf,
+        /// The descriptor is `O_DIRECT`.
+        direct: bool,
+    },
+    /// A COW file: descriptors `cow-meta`, `cow-data`, `backing`, `bitmap`.
+    Cow {
+        /// The COW file's path.
+        path: PathBuf,
+        /// The backing file actually used.
+        backing: PathBuf,
+        /// `cow-data` is `O_DIRECT`.
+        direct: bool,
+        /// `backing` is `O_DIRECT`.
+        backing_direct: bool,
+    },
+}
+
+/// A disk's files, ready to be passed.
+#[derive(Debug)]
+pub struct DiskExport {
+    /// What they are.
+    pub meta: DiskMeta,
+    /// The descriptors, by name.
+    pub fds: Vec<(&'static str, OwnedFd)>,
+}
+
+/// Descriptors received, by name.
+#[derive(Debug, Default)]
+pub struct Received(pub Vec<(String, OwnedFd)>);
+
+impl Received {
+    /// Takes the descriptor `name` as a file.
+    pub fn take(&mut self, name: &str) -> Option<File> {
+        let i = self.0.iter().position(|(n, _)| n == name)?;
+        Some(File::from(self.0.swap_remove(i).1))
+    }
+}
+
+/// Builds the disk a predecessor passed.
+pub fn adopt(
+    meta: &DiskMeta,
+    fds: &mut Received,
+    opts: &DiskOptions,
+) -> Result<Arc<dyn Disk>, DiskError> {
+    match meta {
+        DiskMeta::Raw { path, direct } => {
+            let file = fds.take("image").ok_or_else(|| missing(path, "image"))?;
+            Ok(Arc::new(super::raw::RawDisk::adopt(
+                path, file, *direct, opts,
+            )?))
+        }
+        DiskMeta::Cow {
+            path,
+            backing,
+            direct,
+            backing_direct,
+        } => {
+            let mut take = |n: &'static str| fds.take(n).ok_or_else(|| missing(path, n));
+            let files = crate::cow::Passed {
+                meta_fd: take("cow-meta")?,
+                data_fd: take("cow-data")?,
+                backing_fd: take("backing")?,
+                bitmap: take("bitmap")?,
+                direct: *direct,
+                backing_direct: *backing_direct,
+            };
+            let file = crate::cow::CowFile::adopt(path, backing, files)?;
+            Ok(Arc::new(super::cow::CowDisk::from_file(file, opts)?))
+        }
+    }
+}
+
+fn missing(path: &std::path::Path, what: &str) -> DiskError {
+    DiskError::Setup {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the previous instance did not pass the {what} descriptor"),
+        ),
+    }
+}
