@@ -109,6 +109,23 @@ fn status(control: &Path, json: bool) -> Result<ExitCode, CliError> {
         "requests:   {} in flight, {} parked, {} completed, {} bad",
         dev["in_flight"], dev["parked"], dev["completed"], dev["bad_requests"]
     );
+    let h = &v["handover"];
+    println!(
+        "handover:   {}",
+        match h["role"].as_str() {
+            Some("source") => format!(
+                "{} (handing over to pid {})",
+                h["state"].as_str().unwrap_or("?"),
+                h["peer_pid"]
+            ),
+            Some("destination") => format!(
+                "{} (took over from pid {})",
+                h["state"].as_str().unwrap_or("?"),
+                h["peer_pid"]
+            ),
+            _ => "none".into(),
+        }
+    );
     println!(
         "cow:        {} bitmap writes ({} waited), {} syncs, {} epochs, {} reads parked",
         st["bitmap_writes"],
