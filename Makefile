@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps images lint unit test demo bench crash-sweep fuzz clean
+.PHONY: all build release deps images lint unit test demo bench bench-handover crash-sweep handover-long fuzz clean
 
 all: build
 
@@ -49,10 +49,23 @@ bench: deps
 	python3 bench/run.py
 	python3 bench/scale.py
 
+# The guest-visible stall of a live handover (bench/handover.py): a QEMU
+# guest doing fio at queue depth 1 across 20 handovers, with QEMU's
+# reconnect=1 and reconnect-ms=10; p50/max stall, failed or lost requests,
+# normal latency. Writes bench/work/handover.md (BENCH_OUT); BENCH_HANDOVERS,
+# BENCH_GAP, BENCH_SERVE_ARGS tune it.
+bench-handover: deps images release
+	python3 bench/handover.py
+
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:
 	CRASH_STATES=200000 $(CARGO) test --release --test crash_states -- --nocapture
 	KILL_ITERS=100 $(CARGO) test --release --test kill9 -- --nocapture
+
+# The booted-guest handover test (tests/boot_handover.rs) with 100
+# handovers instead of 20 under the guest's write/verify loop.
+handover-long: deps images
+	HANDOVER_ROUNDS=100 $(CARGO) test --release --test boot_handover -- --nocapture
 
 # Coverage-guided fuzzing (libFuzzer through cargo-fuzz; the stable
 # toolchain is allowed its -Z flags with RUSTC_BOOTSTRAP). FUZZ_SECONDS per
