@@ -302,19 +302,22 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         return takeover(&ctl, raw, &a.explicit, signals);
     }
     let cfg = ServeConfig::try_from(raw)?;
-    fresh(&cfg, signals, None)
+    fresh(&cfg, signals, None, std::time::Duration::ZERO)
 }
 
 /// A start from the files: claim the socket, open the disk, listen.
+/// `claim_wait`: how long a claim of the socket held by another process is
+/// waited for (a predecessor that just died).
 fn fresh(
     cfg: &ServeConfig,
     signals: daemon::Signals,
     control: Option<ControlSocket>,
+    claim_wait: std::time::Duration,
 ) -> Result<ExitCode, CliError> {
     // Before the disk is opened: a socket another daemon serves is refused
     // at once, naming that daemon (held until the process exits).
     let claim = match &cfg.listen {
-        daemon::ListenOn::Path(p) => Some(daemon::SocketClaim::take(p)?),
+        daemon::ListenOn::Path(p) => Some(daemon::SocketClaim::take_waiting(p, claim_wait)?),
         daemon::ListenOn::Fd(_) | daemon::ListenOn::Handed => None,
     };
     let opts = cfg.disk_options();
@@ -407,7 +410,7 @@ fn takeover(
                  them from disk (everything it completed before its last flush is there, R5)"
             );
             drop(t);
-            return fresh(&cfg, signals, own_control);
+            return fresh(&cfg, signals, own_control, config::LOCK_WAIT);
         }
     };
     let built = (|| {

@@ -195,7 +195,8 @@ pub fn run(
         let source_alive = t.commit()?;
         handover.set_destination("committed", pid);
         if source_alive {
-            t.live(control_adopted);
+            handover::pause("dst-committed");
+            t.live(control_adopted)?;
         }
         handover.set_destination("live", pid);
         log::info!("handover: live (took over from pid {pid})");

@@ -61,6 +61,26 @@ impl SocketClaim {
 }
 
 impl SocketClaim {
+    /// Claims `socket`, waiting up to `wait` while another process holds it
+    /// (a daemon killed a moment ago holds its lock until the kernel has
+    /// closed its files).
+    pub fn take_waiting(
+        socket: &std::path::Path,
+        wait: std::time::Duration,
+    ) -> Result<Self, DaemonError> {
+        let end = std::time::Instant::now().checked_add(wait);
+        loop {
+            match Self::take(socket) {
+                Err(DaemonError::SocketInUse { .. })
+                    if end.is_some_and(|e| std::time::Instant::now() < e) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// A new descriptor of the lock file (a handover passes the claim on).
     pub fn dup(&self) -> std::io::Result<OwnedFd> {
         self._file.try_clone().map(OwnedFd::from)

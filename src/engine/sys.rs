@@ -245,6 +245,30 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
         .collect())
 }
 
+/// A descriptor that becomes readable when process `pid` exits
+/// (`pidfd_open`, Linux 5.3): unlike `kill(pid, 0)` it tells a process that
+/// died (a zombie not yet reaped) from one that runs, and a reused pid
+/// from the process it was opened for.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid"))?;
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor or
+    // -1; no memory is involved.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: a descriptor just created for this process, owned once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits up to `timeout_ms` for the process of `pidfd` to exit; true once
+/// it has.
+pub fn process_exited(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
+    poll_readable(&[pidfd.as_raw_fd()], timeout_ms).is_ok_and(|r| r.first() == Some(&true))
+}
+
 /// Largest number of descriptors [`send_fds`] / [`recv_fds`] carry in one
 /// message.
 pub const MAX_PASSED_FDS: usize = 16;
@@ -265,9 +289,13 @@ pub fn send_fds(
         ));
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let sent = stream
-        .send_with_fds(&[bytes], &raw)
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let sent = loop {
+        match stream.send_with_fds(&[bytes], &raw) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    };
     // The descriptors went with the first bytes; the rest is plain data.
     let rest = bytes.get(sent..).unwrap_or_default();
     io::Write::write_all(&mut &*stream, rest)

@@ -8,7 +8,10 @@
 
 use std::{
     io::Write,
-    os::{fd::OwnedFd, unix::net::UnixStream},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -16,7 +19,7 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{pause, read_line_with_fds, PassedMeta, Spec};
-use crate::{daemon::DaemonError, disk::handover::Received};
+use crate::{daemon::DaemonError, disk::handover::Received, engine::sys};
 
 /// How long the destination waits for an answer (a suspend waits for the
 /// requests in flight and a persist).
@@ -30,6 +33,8 @@ pub struct Takeover {
     spec: Spec,
     source_pid: u32,
     control_adopted: bool,
+    /// Readable once the source process has exited (see `source_exited`).
+    pidfd: Option<OwnedFd>,
 }
 
 /// What the source handed over.
@@ -71,7 +76,18 @@ impl Takeover {
             spec: Spec::default(),
             source_pid: 0,
             control_adopted: false,
+            pidfd: None,
         };
+        // The process at the other end, from the kernel: a connection that
+        // ends tells nothing of whether it lives (it may have given up and
+        // serve on), its pidfd does.
+        match sys::peer_cred(t.stream.as_raw_fd()).and_then(|(_, pid)| sys::pidfd_open(pid)) {
+            Ok(fd) => t.pidfd = Some(fd),
+            Err(e) => log::warn!(
+                "handover: cannot watch the running instance's process ({e}); if it goes \
+                 away halfway, this instance will not serve"
+            ),
+        }
         let v = t
             .call("register")
             .map_err(|why| match why {
@@ -127,7 +143,10 @@ impl Takeover {
     pub fn suspend(&mut self) -> Result<Handed, DaemonError> {
         let (v, fds) = match self.call("suspend") {
             Ok(r) => r,
-            Err(Call::Gone(g)) => return Ok(Handed::SourceGone(g)),
+            Err(Call::Gone(g)) => {
+                self.require_exited(&g)?;
+                return Ok(Handed::SourceGone(g));
+            }
             Err(Call::Refused(r)) => {
                 return Err(DaemonError::Handover {
                     ctl: self.ctl.clone(),
@@ -168,11 +187,9 @@ impl Takeover {
     pub fn commit(&mut self) -> Result<bool, DaemonError> {
         pause("dst-built");
         match self.call("commit") {
-            Ok(_) => {
-                pause("dst-committed");
-                Ok(true)
-            }
+            Ok(_) => Ok(true),
             Err(Call::Gone(g)) => {
+                self.require_exited(&g)?;
                 log::warn!(
                     "handover: pid {} went away after passing its files ({g}); serving them",
                     self.source_pid
@@ -190,16 +207,41 @@ impl Takeover {
     /// right before serving: once it is sent, the source will not serve
     /// again.
     /// `control_adopted`: this instance serves the source's control socket
-    /// (its path stays when the source exits).
-    pub fn live(mut self, control_adopted: bool) {
+    /// (its path stays when the source exits). An error means the source
+    /// gave the handover up and serves on: this instance must not serve.
+    pub fn live(mut self, control_adopted: bool) -> Result<(), DaemonError> {
         self.control_adopted = control_adopted;
-        if let Err(e) = self.send("live") {
-            log::debug!("handover: live not delivered ({e}); the source is gone");
-            return;
+        match self.call("live") {
+            Ok(_) => Ok(()),
+            Err(Call::Gone(g)) => self.require_exited(&g),
+            Err(Call::Refused(r)) => Err(DaemonError::Handover {
+                ctl: self.ctl.clone(),
+                reason: format!("the running instance refused to let go: {r}; it serves on"),
+            }),
         }
-        // Its answer only confirms; it exits either way.
-        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = read_line_with_fds(&self.stream, 1 << 16);
+    }
+
+    /// The source's connection ended (`why`): fine only if its process is
+    /// gone too. A source that is alive gave the handover up (it waited
+    /// [`STEP_TIMEOUT`](super::STEP_TIMEOUT) for this instance, or failed)
+    /// and serves on; two instances must never serve one disk.
+    fn require_exited(&self, why: &str) -> Result<(), DaemonError> {
+        let exited = self
+            .pidfd
+            .as_ref()
+            .is_some_and(|fd| sys::process_exited(fd, 5000));
+        if exited {
+            return Ok(());
+        }
+        Err(DaemonError::Handover {
+            ctl: self.ctl.clone(),
+            reason: format!(
+                "the running instance (pid {}) ended the handover ({why}) but did not exit: it \
+                 gave up (this instance was too slow, or it failed) and serves on; this instance \
+                 does not serve",
+                self.source_pid
+            ),
+        })
     }
 
     fn send(&mut self, step: &str) -> std::io::Result<()> {

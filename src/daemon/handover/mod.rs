@@ -121,17 +121,31 @@ pub(crate) fn pause(step: &str) {
 }
 
 /// Reads one line (and the descriptors sent with it) from `stream`, a byte
-/// at a time after the first read: nothing of a later message is consumed.
-/// `Ok(None)` at the end of the stream.
+/// at a time: nothing of a later message is consumed. `Ok(None)` at the
+/// end of the stream. The stream's read timeout bounds the whole line.
+/// An interrupted read is retried (an io_uring this thread set up, for the
+/// suspend's flush, interrupts blocking reads with its task work).
 pub(crate) fn read_line_with_fds(
     stream: &UnixStream,
     limit: usize,
 ) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let deadline = stream
+        .read_timeout()?
+        .and_then(|t| std::time::Instant::now().checked_add(t));
     let mut line = Vec::new();
     let mut fds = Vec::new();
     loop {
         let mut byte = [0u8; 1];
-        let (n, mut got) = sys::recv_fds(stream, &mut byte)?;
+        let (n, mut got) = match sys::recv_fds(stream, &mut byte) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         fds.append(&mut got);
         if n == 0 {
             return if line.is_empty() {

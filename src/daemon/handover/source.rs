@@ -146,11 +146,15 @@ impl SourceShared {
         }
         log::info!("handover: pid {pid} registered as the destination of this instance");
         pause("src-registered");
-        reply(
+        let answered = reply(
             stream,
             &json!({"v": 1, "ok": true, "pid": std::process::id(), "spec": self.ctx.spec}),
-        )?;
-        stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+        )
+        .and_then(|()| stream.set_read_timeout(Some(STEP_TIMEOUT)));
+        if let Err(e) = answered {
+            self.abort(conn, &format!("the destination is gone ({e})"));
+            return Ok(());
+        }
         loop {
             let step = match read_step(stream) {
                 Ok(Some((s, control_adopted))) => {
