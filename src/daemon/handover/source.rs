@@ -155,6 +155,15 @@ impl SourceShared {
             self.abort(conn, &format!("the destination is gone ({e})"));
             return Ok(());
         }
+        // While the destination prepares (and the guest runs on), flush
+        // once: the flush at suspend, which the guest waits for, then only
+        // has what was written since (a writeback cache can hold tens of
+        // milliseconds of syncing).
+        let t0 = std::time::Instant::now();
+        match disk::persist(self.ctx.backend.disk().as_ref()) {
+            Ok(()) => log::info!("handover: pre-flushed in {:?}", t0.elapsed()),
+            Err(e) => log::warn!("handover: pre-flush failed ({e}); the suspend flushes"),
+        }
         loop {
             let step = match read_step(stream) {
                 Ok(Some((s, control_adopted))) => {
