@@ -335,6 +335,7 @@ fn fresh(
             .map(ControlSocket::bind)
             .transpose()?,
     };
+    let spec = cfg.spec(&serial, backend.disk().info());
     daemon::run(
         backend,
         Serving {
@@ -343,8 +344,9 @@ fn fresh(
             claim,
             control,
             control_adopted: false,
-            spec: cfg.spec(&serial),
+            spec,
             takeover: None,
+            switch: None,
         },
         signals,
     )?;
@@ -356,8 +358,14 @@ fn backend(
     cfg: &ServeConfig,
     disk: Arc<dyn disk::Disk>,
 ) -> Result<(Arc<BlkBackend>, String), CliError> {
+    let (b, serial) = device(cfg, disk)?;
+    Ok((Arc::new(b), serial))
+}
+
+/// The device over `disk` (not shared yet), and the serial it answers.
+fn device(cfg: &ServeConfig, disk: Arc<dyn disk::Disk>) -> Result<(BlkBackend, String), CliError> {
     let serial = cfg.serial.clone().unwrap_or_else(|| disk.info().id.clone());
-    let backend = Arc::new(BlkBackend::new(
+    let backend = BlkBackend::new(
         disk,
         BlkConfig {
             queues: cfg.queues,
@@ -369,7 +377,7 @@ fn backend(
             inflight: cfg.inflight,
             out_of_order: cfg.out_of_order,
         },
-    )?);
+    )?;
     Ok((backend, serial))
 }
 
@@ -382,7 +390,7 @@ fn takeover(
 ) -> Result<ExitCode, CliError> {
     let mut t = Takeover::register(ctl)?;
     let source = t.source_pid();
-    let cfg = match config::for_takeover(raw, explicit, t.spec()) {
+    let (cfg, migration) = match config::for_takeover(raw, explicit, t.spec()) {
         Ok(c) => c,
         Err(e) => {
             t.abort(&e.to_string());
@@ -402,6 +410,9 @@ fn takeover(
             return Err(e.into());
         }
     };
+    if migration {
+        return migrate_in(t, &cfg, own_control, signals);
+    }
     let (meta, mut fds) = match t.suspend()? {
         Handed::Passed { meta, fds } => (meta, fds),
         Handed::SourceGone(why) => {
@@ -447,7 +458,8 @@ fn takeover(
             return Err(e);
         }
     };
-    let listen_desc = cfg.spec(&serial).socket.map_or_else(
+    let spec = cfg.spec(&serial, backend.disk().info());
+    let listen_desc = spec.socket.clone().map_or_else(
         || format!("the socket pid {source} served"),
         |p| p.display().to_string(),
     );
@@ -459,8 +471,78 @@ fn takeover(
             claim,
             control,
             control_adopted,
-            spec: cfg.spec(&serial),
+            spec,
             takeover: Some(t),
+            switch: None,
+        },
+        signals,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `serve --takeover CTL --socket DST_SOCK`: a live migration's
+/// destination. It serves its own socket to the destination QEMU at once,
+/// with the running instance's size and names, and takes the disk over
+/// when the destination's rings start (the switch-over).
+fn migrate_in(
+    t: Takeover,
+    cfg: &ServeConfig,
+    own_control: Option<ControlSocket>,
+    signals: daemon::Signals,
+) -> Result<ExitCode, CliError> {
+    let spec = t.spec().clone();
+    let claim = match &cfg.listen {
+        daemon::ListenOn::Path(p) => Some(daemon::SocketClaim::take(p)?),
+        daemon::ListenOn::Fd(_) | daemon::ListenOn::Handed => None,
+    };
+    let path = spec
+        .cow
+        .clone()
+        .or_else(|| spec.raw.clone())
+        .unwrap_or_default();
+    let pending = Arc::new(disk::handover::PendingDisk::new(disk::DiskInfo {
+        size: disk::DiskSize::new(spec.sectors),
+        readonly: spec.readonly,
+        path,
+        id: spec.id.clone(),
+        kind: if spec.kind == "raw" { "raw" } else { "cow" },
+        direct: spec.direct,
+    }));
+    let gate = Arc::new(vhost_user_ubd::vhost::gate::SwitchGate::new());
+    let (device, serial) = device(cfg, pending.clone())?;
+    let backend = Arc::new(device.with_gate(gate.clone()));
+    let (listener, listen_desc) = daemon::listen(&cfg.listen)?;
+    let opts = cfg.disk_options();
+    let open = {
+        let (cfg, opts) = (cfg.clone(), opts.clone());
+        Box::new(move || match &cfg.disk {
+            DiskSpec::Cow { cow, .. } => disk::open_cow(cow, &opts),
+            DiskSpec::Raw(raw) => disk::open_raw(raw, &opts),
+        })
+    };
+    let mut spec = cfg.spec(&serial, backend.disk().info());
+    spec.id.clone_from(&t.spec().id);
+    log::info!(
+        "live migration destination for pid {}: serving {listen_desc}; the disk is taken over \
+         when the destination's rings start",
+        t.source_pid()
+    );
+    daemon::run(
+        backend,
+        Serving {
+            listener,
+            listen_desc,
+            claim,
+            control: own_control,
+            control_adopted: false,
+            spec,
+            takeover: Some(t),
+            switch: Some(daemon::Switch {
+                pending,
+                gate,
+                opts,
+                open,
+            }),
         },
         signals,
     )?;

@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::{
     daemon::{handover::Spec, ListenOn},
-    disk::{AioMode, DiskOptions},
+    disk::{AioMode, DiskInfo, DiskOptions},
     vhost::MAX_QUEUES,
 };
 
@@ -303,11 +303,15 @@ fn same_path(a: &Path, b: &Path) -> bool {
 /// running instance (`spec`); those given explicitly (`explicit`, clap's
 /// ids) must be equal to its. Settings (threads, checkpoints, aio) are this
 /// instance's own.
+///
+/// A `--socket` other than the running instance's makes this instance a
+/// live migration's destination (the second value is then true): it
+/// serves that socket and takes the disk over at the switch-over.
 pub fn for_takeover(
     mut a: ServeArgsRaw,
     explicit: &[String],
     spec: &Spec,
-) -> Result<ServeConfig, ConfigError> {
+) -> Result<(ServeConfig, bool), ConfigError> {
     let given = |id: &str| explicit.iter().any(|e| e == id);
     let differ = |flag: &str, mine: String, theirs: String| {
         ConfigError::TakeoverMismatch(format!(
@@ -332,7 +336,8 @@ pub fn for_takeover(
             "--fd: a takeover serves the running instance's listening socket".into(),
         ));
     }
-    path_arg("socket", "--socket", &a.socket, &spec.socket)?;
+    let migration = given("socket")
+        && !matches!((&a.socket, &spec.socket), (Some(m), Some(t)) if same_path(m, t));
     path_arg("cow", "--cow", &a.cow, &spec.cow)?;
     path_arg("raw", "--raw", &a.raw, &spec.raw)?;
     path_arg("backing", "--backing", &a.backing, &spec.backing)?;
@@ -386,7 +391,9 @@ pub fn for_takeover(
         a.crash_journal.clone(),
         spec.crash_journal.clone(),
     )?;
-    a.socket = spec.socket.clone();
+    if !migration {
+        a.socket = spec.socket.clone();
+    }
     a.fd = None;
     a.cow = spec.cow.clone();
     a.raw = spec.raw.clone();
@@ -407,13 +414,18 @@ pub fn for_takeover(
         a.control = spec.control.clone();
     }
     a.takeover = true;
-    ServeConfig::try_from(a)
+    Ok((ServeConfig::try_from(a)?, migration))
 }
 
 impl ServeConfig {
-    /// What this instance serves, for a successor (`serial`: as served).
-    pub fn spec(&self, serial: &str) -> Spec {
+    /// What this instance serves, for a successor (`serial`: as served;
+    /// `disk`: the disk's size and names).
+    pub fn spec(&self, serial: &str, disk: &DiskInfo) -> Spec {
         Spec {
+            sectors: disk.sectors(),
+            id: disk.id.clone(),
+            kind: disk.kind.to_owned(),
+            direct: disk.direct,
             socket: match &self.listen {
                 ListenOn::Path(p) => Some(p.clone()),
                 ListenOn::Fd(_) | ListenOn::Handed => None,

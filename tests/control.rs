@@ -26,25 +26,8 @@ use common::{
 
 const MIB: u64 = 1 << 20;
 
-fn cli(args: &[&str], control: &Path) -> (bool, String) {
-    let out = Command::new(BINARY)
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 fn status(control: &Path) -> serde_json::Value {
-    let (ok, out) = cli(&["status", "--json"], control);
+    let (ok, out) = control_cli(&["status", "--json"], control);
     assert!(ok, "{out}");
     serde_json::from_str(&out).unwrap()
 }
@@ -85,7 +68,7 @@ fn status_reports_the_disk_and_the_frontend() {
     assert_ne!(v["device"]["features"], 0);
     assert!(v["device"]["completed"].as_u64().unwrap() >= 1, "{v}");
     assert_eq!(v["device"]["in_flight"], 0);
-    let (ok, human) = cli(&["status"], &control);
+    let (ok, human) = control_cli(&["status"], &control);
     assert!(
         ok && human.contains("raw") && human.contains("connected"),
         "{human}"
@@ -102,7 +85,7 @@ fn status_reports_the_disk_and_the_frontend() {
 fn a_raw_disk_grows_and_shrinks_while_served() {
     let dir = tempfile::tempdir().unwrap();
     let (d, image, control) = raw_daemon(dir.path(), 4 * MIB);
-    let (ok, out) = cli(&["resize", "6M"], &control);
+    let (ok, out) = control_cli(&["resize", "6M"], &control);
     assert!(ok, "{out}");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 6 * MIB);
     assert_eq!(status(&control)["disk"]["sectors"], 6 * MIB / 512);
@@ -117,10 +100,10 @@ fn a_raw_disk_grows_and_shrinks_while_served() {
         tail
     );
     // Shrinking cuts off what the guest may address: only with --force.
-    let (ok, out) = cli(&["resize", "5M"], &control);
+    let (ok, out) = control_cli(&["resize", "5M"], &control);
     assert!(!ok && out.contains("--force"), "{out}");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 6 * MIB);
-    let (ok, out) = cli(&["resize", "--force", "5M"], &control);
+    let (ok, out) = control_cli(&["resize", "--force", "5M"], &control);
     assert!(ok, "{out}");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 5 * MIB);
     // The connected client's requests past the new end now fail; below it
@@ -128,7 +111,7 @@ fn a_raw_disk_grows_and_shrinks_while_served() {
     assert!(client::read_at(c.q(0), mem, 0, 5 * MIB, 4096).is_err());
     assert!(client::read_at(c.q(0), mem, 0, 5 * MIB - 4096, 4096).is_ok());
     for bad in ["0", "1000", "12Q", "-1"] {
-        let (ok, out) = cli(&["resize", bad], &control);
+        let (ok, out) = control_cli(&["resize", bad], &control);
         assert!(!ok, "resize {bad}: {out}");
     }
     drop(c);
@@ -149,7 +132,7 @@ fn a_cow_refuses_to_resize_and_says_why() {
         .arg(&control)
         .spawn();
     let cow_len = std::fs::metadata(&cow).unwrap().len();
-    let (ok, out) = cli(&["resize", "8M"], &control);
+    let (ok, out) = control_cli(&["resize", "8M"], &control);
     assert!(!ok, "{out}");
     assert!(
         out.contains("vm.cow") && out.contains("size of its backing file") && out.contains("--raw"),
@@ -309,7 +292,7 @@ fn resize_is_announced_now_and_to_the_next_frontend() {
     let mut s = Session::open(&d, &Opts::default());
     let seen = backend_channel(&mut s);
     let before = capacity(&mut s);
-    let (ok, out) = cli(&["resize", "2M"], &control);
+    let (ok, out) = control_cli(&["resize", "2M"], &control);
     assert!(ok && out.contains("the frontend was told"), "{out}");
     assert!(wait_count(&seen, 1), "no CONFIG_CHANGE_MSG\n{}", d.log());
     assert_eq!(

@@ -393,27 +393,9 @@ impl Files {
 
 // --------------------------------------------------------------- control --
 
-/// `vhost-user-ubd ARGS --control PATH`: (success, stdout and stderr).
-fn cli(args: &[&str], control: &Path) -> (bool, String) {
-    let out = Command::new(BINARY)
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// `status --json` on `control`, which must succeed.
 fn status(control: &Path) -> Value {
-    let (ok, out) = cli(&["status", "--json"], control);
+    let (ok, out) = control_cli(&["status", "--json"], control);
     assert!(ok, "status on {}: {out}", control.display());
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON ({e}): {out}"))
 }
@@ -429,7 +411,7 @@ fn handover_of(control: &Path) -> Value {
 /// Every command on `control` (a retired A's) fails, naming B's pid.
 fn assert_handed_over(control: &Path, b: &Daemon, what: &str) {
     for args in [&["status", "--json"][..], &["status"][..]] {
-        let (ok, out) = cli(args, control);
+        let (ok, out) = control_cli(args, control);
         assert!(!ok, "{what}: {args:?} on A still succeeds: {out}");
         // The spec says "handed over to pid B"; the implementation's
         // refusal says "handed its disk over to pid B".
@@ -866,7 +848,7 @@ fn status_shows_the_handover_state_on_both_sides() {
     assert_eq!(h["role"], "source", "A at src-passed: {h}");
     assert_eq!(h["state"], "passed", "A at src-passed: {h}");
     assert_eq!(h["peer_pid"], b.pid(), "A at src-passed: {h}");
-    let (ok, text) = cli(&["status"], &f.control);
+    let (ok, text) = control_cli(&["status"], &f.control);
     assert!(ok, "{text}");
     let line = text
         .lines()
@@ -893,7 +875,7 @@ fn status_shows_the_handover_state_on_both_sides() {
     let h = handover_of(&c2);
     assert_eq!(h["role"], "destination", "B live: {h}");
     assert_eq!(h["state"], "live", "B live: {h}");
-    let (ok, text) = cli(&["status"], &c2);
+    let (ok, text) = control_cli(&["status"], &c2);
     let took = format!("took over from pid {}", a.pid());
     assert!(
         ok && text

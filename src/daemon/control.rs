@@ -73,6 +73,11 @@ enum Request {
         #[serde(default)]
         #[allow(dead_code)]
         control_adopted: bool,
+        /// With `suspend`: the destination is a live migration's (it has
+        /// its own socket and takes over at the switch-over).
+        #[serde(default)]
+        #[allow(dead_code)]
+        migration: bool,
     },
     /// Change the disk's size.
     Resize {

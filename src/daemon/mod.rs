@@ -132,8 +132,81 @@ pub struct Serving {
     pub control_adopted: bool,
     /// What this instance serves, as its arguments say.
     pub spec: handover::Spec,
-    /// `--takeover`: the predecessor, with this instance's disk built.
+    /// `--takeover`: the predecessor, with this instance's disk built (or,
+    /// for a migration destination, to be taken over at the switch-over).
     pub takeover: Option<handover::Takeover>,
+    /// A live migration's destination: how the disk arrives.
+    pub switch: Option<Switch>,
+}
+
+/// How a migration destination gets its disk at the switch-over.
+pub struct Switch {
+    /// The disk the backend serves, empty until then.
+    pub pending: Arc<crate::disk::handover::PendingDisk>,
+    /// Where the rings wait (the backend's).
+    pub gate: Arc<crate::vhost::gate::SwitchGate>,
+    /// Options for the passed disk.
+    pub opts: crate::disk::DiskOptions,
+    /// Opens the disk from its files (the source died before passing them).
+    pub open: Box<dyn FnOnce() -> Result<Arc<dyn crate::disk::Disk>, DiskError> + Send>,
+}
+
+impl std::fmt::Debug for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switch")
+            .field("gate", &self.gate)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a switch-over did not bring the disk.
+enum SwitchEnd {
+    /// The frontend left before any ring started (a cancelled migration).
+    Cancelled,
+    /// It failed.
+    Failed(DaemonError),
+}
+
+/// The switch-over of a migration destination: once a ring starts, the
+/// handover runs (the source suspends, persists and passes its files; it
+/// keeps its frontend, answering it with errors) and the disk is served.
+fn switch_over(
+    mut t: handover::Takeover,
+    sw: Switch,
+    backend: &BlkBackend,
+) -> Result<(), SwitchEnd> {
+    if !sw.gate.wait_trigger() {
+        return Err(SwitchEnd::Cancelled);
+    }
+    let t0 = std::time::Instant::now();
+    t.set_migration();
+    let fail = SwitchEnd::Failed;
+    match t.suspend().map_err(fail)? {
+        handover::Handed::Passed { meta, mut fds } => {
+            let disk = crate::disk::handover::adopt(&meta.disk, &mut fds, &sw.opts)
+                .map_err(|e| fail(e.into()))?;
+            sw.pending.set(disk);
+            let c = meta.counters;
+            backend.restore_counters(c.completed, c.bad_requests, c.resized);
+            if t.commit().map_err(fail)? {
+                handover::pause("dst-committed");
+                t.live(false).map_err(fail)?;
+            }
+        }
+        handover::Handed::SourceGone(why) => {
+            log::warn!(
+                "switch-over: pid {} went away before it passed its files ({why}); opening \
+                 them from disk",
+                t.source_pid()
+            );
+            sw.pending.set((sw.open)().map_err(|e| fail(e.into()))?);
+        }
+    }
+    log::info!(
+        "handover: live (switch-over of a live migration in {:?})",
+        t0.elapsed()
+    );
+    Ok(())
 }
 
 /// Binds (or adopts) the listening socket of `listen`.
@@ -170,6 +243,7 @@ pub fn run(
         control_adopted,
         spec,
         takeover,
+        switch,
     } = serving;
     let stop = Arc::new(AtomicBool::new(false));
     let disconnect = Disconnect::default();
@@ -186,6 +260,42 @@ pub fn run(
         |c: control::ControlSocket| control::Control::start(c, backend.clone(), handover.clone());
     let mut _control = None;
     let mut control = control;
+    let failure: Arc<std::sync::Mutex<Option<DaemonError>>> = Arc::default();
+    let gate = switch.as_ref().map(|s| s.gate.clone());
+    let mut takeover = takeover;
+    let migration = match switch {
+        Some(sw) => takeover.take().map(|t| (sw, t)),
+        None => None,
+    };
+    if let Some((sw, t)) = migration {
+        let pid = t.source_pid();
+        handover.set_destination("waiting", pid);
+        let (backend, handover, failure, stop, listener, disconnect) = (
+            backend.clone(),
+            handover.clone(),
+            failure.clone(),
+            stop.clone(),
+            listener.clone(),
+            disconnect.clone(),
+        );
+        std::thread::Builder::new()
+            .name("ubd-switch".into())
+            .spawn(move || match switch_over(t, sw, &backend) {
+                Ok(()) => handover.set_destination("live", pid),
+                Err(SwitchEnd::Cancelled) => {}
+                Err(SwitchEnd::Failed(e)) => {
+                    log::error!("switch-over failed: {e}; this instance stops");
+                    *failure
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                    backend.gate_failed();
+                    stop.store(true, Ordering::Release);
+                    listener.wake();
+                    disconnect.now();
+                }
+            })
+            .map_err(DaemonError::Signals)?;
+    }
     if let Some(mut t) = takeover {
         let pid = t.source_pid();
         handover.set_destination("built", pid);
@@ -230,6 +340,21 @@ pub fn run(
             break;
         }
         log_stats(&backend);
+        if let Some(g) = gate.as_ref().filter(|g| !g.triggered()) {
+            log::info!(
+                "the frontend left before the switch-over (a cancelled migration?): the \
+                 running instance serves on; this one stops"
+            );
+            g.open(false);
+            break;
+        }
+    }
+    let failed = failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(e) = failed {
+        return Err(e);
     }
     if handover.passing() {
         // The files are (or may be, if this instance is stopped halfway)

@@ -39,7 +39,7 @@ use super::{
 };
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -60,6 +60,9 @@ impl VhostUserBackend for BlkBackend {
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
+            // Dirty-page logging (live migration): the pages the daemon
+            // writes are marked in the frontend's log while it asks.
+            | (1 << super::VHOST_F_LOG_ALL)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if !self.cfg.writethrough {
             f |= 1 << VIRTIO_BLK_F_CONFIG_WCE;
@@ -92,7 +95,8 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::BACKEND_REQ;
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if self.cfg.inflight {
             f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         } else {
@@ -287,6 +291,17 @@ impl VhostUserBackend for BlkBackend {
         }
         self.announce_pending();
         let mut w = lock(worker);
+        if !disk {
+            if let Some(g) = &self.gate {
+                // A migration destination: the first kick of a started ring
+                // brings the disk over (the source has stopped its rings).
+                drop(w);
+                if !g.pass() {
+                    return Ok(());
+                }
+                w = lock(worker);
+            }
+        }
         if disk {
             self.reap(&mut w, vring);
             if w.repoll {

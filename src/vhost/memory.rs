@@ -62,6 +62,18 @@ pub(super) fn iovecs(mem: &Mem, segs: &[Seg]) -> Option<Vec<libc::iovec>> {
     Some(out)
 }
 
+/// Marks guest buffers dirty in the frontend's migration log (a no-op
+/// while no log is set): for memory the kernel wrote, which vm-memory did
+/// not see.
+pub(super) fn mark_dirty(mem: &Mem, segs: &[Seg]) {
+    use vm_memory::bitmap::Bitmap;
+    for s in segs {
+        for slice in mem.get_slices(s.addr, s.len as usize).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+}
+
 /// The buffers of the descriptor chain at `head` of the split ring whose
 /// descriptor table is at `table` (for heads resubmitted from the inflight
 /// region, which virtio-queue cannot turn into a chain): `(addr, len,

@@ -42,6 +42,7 @@ use crate::disk::Disk;
 mod backend;
 mod config_space;
 pub mod connection;
+pub mod gate;
 mod inflight;
 mod memory;
 mod worker;
@@ -49,10 +50,15 @@ mod worker;
 pub use config_space::CONFIG_LEN;
 use worker::{RateLimit, Worker};
 
-type Mem = GuestMemoryMmap<()>;
+/// Guest memory whose regions carry a dirty-page log that QEMU can switch
+/// on for a live migration (SET_LOG_BASE); writes through vm-memory mark it.
+type Mem = GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>;
 type Gm = GuestMemoryAtomic<Mem>;
 /// The vring type the backend uses.
 pub type Vring = VringRwLock<Gm>;
+
+/// Virtio feature bit of dirty-page logging (`VHOST_F_LOG_ALL`).
+pub(crate) const VHOST_F_LOG_ALL: u32 = 26;
 
 /// Largest queue count.
 pub const MAX_QUEUES: usize = 16;
@@ -115,6 +121,9 @@ pub struct BlkBackend {
     resized: AtomicBool,
     /// A config change notification waits for the rings to run.
     announce: AtomicBool,
+    /// A migration destination's switch-over gate: rings wait at it until
+    /// the disk has been handed over.
+    gate: Option<Arc<gate::SwitchGate>>,
     /// Counters.
     pub stats: BackendStats,
 }
@@ -210,8 +219,28 @@ impl BlkBackend {
             channel: Mutex::new(None),
             resized: AtomicBool::new(false),
             announce: AtomicBool::new(false),
+            gate: None,
             stats: BackendStats::default(),
         })
+    }
+
+    /// Rings wait at `gate` before they pop (a migration destination).
+    #[must_use]
+    pub fn with_gate(mut self, gate: Arc<gate::SwitchGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The switch-over failed: rings waiting at the gate give up.
+    pub fn gate_failed(&self) {
+        if let Some(g) = &self.gate {
+            g.open(false);
+        }
+    }
+
+    /// A live migration runs (the frontend asked for dirty-page logging).
+    pub fn migrating(&self) -> bool {
+        self.logging()
     }
 
     /// The disk served.
@@ -430,6 +459,13 @@ impl BlkBackend {
         if self.announce.load(Ordering::Relaxed) && self.announce.swap(false, Ordering::AcqRel) {
             self.notify_config();
         }
+    }
+
+    /// The frontend asked for dirty-page logging (a live migration runs):
+    /// guest pages the kernel writes (read data) are marked by hand; vm-memory
+    /// marks what goes through it (status bytes, the used ring, GET_ID).
+    fn logging(&self) -> bool {
+        self.acked.load(Ordering::Acquire) & (1 << VHOST_F_LOG_ALL) != 0
     }
 
     fn writeback_for(&self, acked: u64) -> bool {

@@ -63,6 +63,9 @@ pub(super) struct Slot {
     /// The guest memory its status byte is written to (the disk operations
     /// own the mapping their iovecs point into themselves).
     mem: Arc<Mem>,
+    /// A read's buffers, which the kernel writes: marked in the dirty log
+    /// at completion when a migration asks for it.
+    written: Vec<crate::blk::Seg>,
     /// Published on the used ring (it leaves `slots` once every earlier
     /// one has too).
     answered: bool,
@@ -340,9 +343,10 @@ impl BlkBackend {
             status: None,
             data_in: 0,
             mem: mem.clone(),
+            written: Vec::new(),
             answered: false,
         });
-        let req = match blk::parse(descs.iter().copied(), mem.as_ref()) {
+        let mut req = match blk::parse(descs.iter().copied(), mem.as_ref()) {
             Ok(r) => r,
             Err(bad) => {
                 self.bad(w, head, &bad.error.to_string());
@@ -377,6 +381,7 @@ impl BlkBackend {
                 if req.rtype == RequestType::In {
                     if let Some(s) = w.slot_mut(seq) {
                         s.data_in = u32::try_from(req.data_len).unwrap_or(u32::MAX);
+                        s.written = std::mem::take(&mut req.data);
                     }
                 }
                 if let Submitted::Again(r) = w.queue.submit(Request { op, tag: seq }) {
@@ -536,6 +541,11 @@ impl BlkBackend {
     /// ring (between the inflight region's two marks).
     fn put(&self, s: &mut Slot, inflight: Option<&QueueInflight>, vring: &Vring) {
         s.answered = true;
+        // Before the used ring says so: the frontend's last log read comes
+        // after it has seen the request complete.
+        if !s.written.is_empty() && self.logging() {
+            super::memory::mark_dirty(&s.mem, &s.written);
+        }
         let used_len = match (s.status_addr, s.status) {
             (Some(addr), Some(st)) => {
                 if s.mem.write_obj(st, addr).is_err() {

@@ -78,6 +78,25 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `vhost-user-ubd ARGS --control PATH` (`status`, `resize`, ...): whether
+/// it succeeded, and its stdout and stderr.
+pub fn control_cli(args: &[&str], control: &Path) -> (bool, String) {
+    let out = Command::new(BINARY)
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// `uml_moo COW OUT`: merges the COW over its backing into a new image.
 pub fn uml_moo(cow: &Path, out: &Path) -> Vec<u8> {
     run(Command::new(tool("uml_moo")).arg(cow).arg(out));

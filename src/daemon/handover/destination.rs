@@ -33,6 +33,8 @@ pub struct Takeover {
     spec: Spec,
     source_pid: u32,
     control_adopted: bool,
+    /// A live migration's destination (told to the source with suspend).
+    migration: bool,
     /// Readable once the source process has exited (see `source_exited`).
     pidfd: Option<OwnedFd>,
 }
@@ -76,6 +78,7 @@ impl Takeover {
             spec: Spec::default(),
             source_pid: 0,
             control_adopted: false,
+            migration: false,
             pidfd: None,
         };
         // The process at the other end, from the kernel: a connection that
@@ -137,6 +140,12 @@ impl Takeover {
             self.source_pid
         );
         let _ = self.send("abort");
+    }
+
+    /// This instance is a live migration's destination: the source keeps
+    /// its frontend connected at the release (it answers it with errors).
+    pub fn set_migration(&mut self) {
+        self.migration = true;
     }
 
     /// Asks the source to suspend; returns its files.
@@ -251,6 +260,7 @@ impl Takeover {
             "step": step,
             "pid": std::process::id(),
             "control_adopted": self.control_adopted,
+            "migration": self.migration,
         })
         .to_string();
         line.push('\n');

@@ -79,6 +79,19 @@ pub struct Spec {
     pub control: Option<PathBuf>,
     /// The hidden out-of-order test switch.
     pub out_of_order: bool,
+    /// The disk's size in sectors now (a migration destination answers the
+    /// frontend's set-up with it before it has the disk).
+    #[serde(default)]
+    pub sectors: u64,
+    /// The disk's identifier (`file_id`).
+    #[serde(default)]
+    pub id: String,
+    /// `raw` or `cow`.
+    #[serde(default)]
+    pub kind: String,
+    /// The data descriptors are `O_DIRECT`.
+    #[serde(default)]
+    pub direct: bool,
 }
 
 /// Counters the destination carries on.

@@ -62,6 +62,9 @@ pub struct SourceShared {
     conns: AtomicU64,
     /// The destination serves this instance's control socket.
     control_given: AtomicBool,
+    /// The handover is a live migration's switch-over: the frontend stays
+    /// connected (a source VM resumed by mistake gets errors, not the disk).
+    migration: AtomicBool,
     ctx: SourceCtx,
 }
 
@@ -77,6 +80,7 @@ impl SourceShared {
             destination: Mutex::new(None),
             conns: AtomicU64::new(1),
             control_given: AtomicBool::new(false),
+            migration: AtomicBool::new(false),
             ctx,
         }
     }
@@ -150,7 +154,9 @@ impl SourceShared {
             stream,
             &json!({"v": 1, "ok": true, "pid": std::process::id(), "spec": self.ctx.spec}),
         )
-        .and_then(|()| stream.set_read_timeout(Some(STEP_TIMEOUT)));
+        // No deadline before the suspend (this instance serves on; a
+        // migration's switch-over may come minutes later), then one per step.
+        .and_then(|()| stream.set_read_timeout(None));
         if let Err(e) = answered {
             self.abort(conn, &format!("the destination is gone ({e})"));
             return Ok(());
@@ -166,9 +172,30 @@ impl SourceShared {
         }
         loop {
             let step = match read_step(stream) {
-                Ok(Some((s, control_adopted))) => {
-                    if s == Step::Live {
-                        self.control_given.store(control_adopted, Ordering::Release);
+                Ok(Some((s, flags))) => {
+                    let flag = |f: &str| flags.get(f) == Some(&Value::Bool(true));
+                    match s {
+                        Step::Live => {
+                            self.control_given
+                                .store(flag("control_adopted"), Ordering::Release);
+                        }
+                        Step::Suspend => {
+                            let migration = flag("migration");
+                            if !migration && self.ctx.backend.migrating() {
+                                let why = "a live migration of this VM is running (the frontend \
+                                           logs dirty pages): hand the disk over after it, or to \
+                                           the migration's destination (serve --takeover CTL \
+                                           --socket DST_SOCK)";
+                                self.abort(conn, why);
+                                let _ = reply(stream, &error(why.into()));
+                                return Ok(());
+                            }
+                            self.migration.store(migration, Ordering::Release);
+                            if migration {
+                                log::info!("handover: the switch-over of a live migration");
+                            }
+                        }
+                        _ => {}
                     }
                     s
                 }
@@ -205,6 +232,7 @@ impl SourceShared {
                         return Ok(());
                     }
                     lock(&self.machine).passed();
+                    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
                     log::info!("handover: files passed to pid {pid}; waiting for its commit");
                     pause("src-passed");
                 }
@@ -223,6 +251,9 @@ impl SourceShared {
                     );
                     let _ = reply(stream, &json!({"v": 1, "ok": true}));
                     pause("src-retired");
+                    if self.migration.load(Ordering::Acquire) {
+                        self.ctx.disconnect.now();
+                    }
                     self.ctx.stop.store(true, Ordering::Release);
                     self.ctx.listener.wake();
                     return Ok(());
@@ -330,8 +361,15 @@ impl SourceShared {
         let c = &self.ctx;
         c.listener.pause();
         c.backend.disk().retire(true);
-        c.disconnect.now();
-        log::info!("handover: released the frontend connection and the disk");
+        if self.migration.load(Ordering::Acquire) {
+            // The source VM stays connected; should it run again, each of
+            // its requests is answered IOERR (the disk is retired).
+            c.backend.resume();
+            log::info!("handover: released the disk; the source frontend gets errors from now on");
+        } else {
+            c.disconnect.now();
+            log::info!("handover: released the frontend connection and the disk");
+        }
     }
 }
 
@@ -346,8 +384,8 @@ fn reply(mut stream: &UnixStream, v: &Value) -> io::Result<()> {
 }
 
 /// The destination's next step (`None` at the end of the stream).
-/// With it: whether the destination serves this instance's control socket.
-fn read_step(stream: &UnixStream) -> io::Result<Option<(Step, bool)>> {
+/// With it: the message (its flags).
+fn read_step(stream: &UnixStream) -> io::Result<Option<(Step, Value)>> {
     let Some((line, _)) = super::read_line_with_fds(stream, 4096)? else {
         return Ok(None);
     };
@@ -368,6 +406,5 @@ fn read_step(stream: &UnixStream) -> io::Result<Option<(Step, bool)>> {
             ))
         }
     };
-    let adopted = v.get("control_adopted") == Some(&Value::Bool(true));
-    Ok(Some((step, adopted)))
+    Ok(Some((step, v)))
 }

@@ -23,9 +23,11 @@ const DISK: u64 = 1 << 20;
 const BUF: u64 = 0x10_0000;
 
 struct Rig {
-    mem: GuestMemoryMmap<()>,
+    mem: GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>,
     backend: BlkBackend,
-    vring: VringRwLock<GuestMemoryAtomic<GuestMemoryMmap<()>>>,
+    vring: VringRwLock<
+        GuestMemoryAtomic<GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>>,
+    >,
     avail: GuestAddress,
     used: GuestAddress,
     _dir: tempfile::TempDir,
@@ -45,7 +47,7 @@ impl Rig {
         let data: Vec<u8> = (0..DISK).map(disk_byte).collect();
         std::fs::write(&disk_path, data).unwrap();
         let disk = crate::disk::open_raw(&disk_path, &crate::disk::DiskOptions::default()).unwrap();
-        let mem: GuestMemoryMmap<()> =
+        let mem: GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let (desc, avail, used) = {
             let q = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
@@ -266,7 +268,7 @@ fn bad_chains_are_answered_and_the_next_request_is_served() {
 
 #[test]
 fn an_empty_pop_tells_an_empty_ring_a_race_and_a_broken_ring_apart() {
-    let mem: GuestMemoryMmap<()> =
+    let mem: GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion> =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let mq = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     let q: virtio_queue::Queue = mq.create_queue().unwrap();
