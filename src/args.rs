@@ -6,12 +6,31 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 /// vhost-user virtio-blk backend for raw images and User-Mode-Linux COW files.
+///
+/// Without a subcommand it serves, as the vhost-user backend program
+/// conventions (QEMU docs/interop/vhost-user.rst) invoke it:
+/// `vhost-user-ubd --socket-path=PATH --blk-file=FILE [--read-only]`.
 #[derive(Debug, Parser)]
-#[command(name = "vhost-user-ubd", version, about, long_about = None)]
+#[command(
+    name = "vhost-user-ubd",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
-    /// What to do.
+    /// What to do (default: serve).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Print the backend's capabilities as JSON (`{"type": "block",
+    /// "features": [...]}`, the vhost-user backend program conventions) and
+    /// exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// `serve`'s options, for the conventions' invocation without a
+    /// subcommand.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// Subcommands.
@@ -78,10 +97,10 @@ pub enum Command {
 /// `serve` options.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("listen").args(["socket", "fd"])))]
-#[command(group(clap::ArgGroup::new("image").args(["cow", "raw"])))]
+#[command(group(clap::ArgGroup::new("image").args(["cow", "raw", "blk_file"])))]
 pub struct ServeArgs {
     /// UNIX socket to listen on (replaced if it exists).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Live handover: take the disk, its listening socket and its
     /// arguments over from the instance serving the control socket CTL,
@@ -102,6 +121,10 @@ pub struct ServeArgs {
     /// Raw image to serve.
     #[arg(long, value_name = "FILE")]
     pub raw: Option<PathBuf>,
+    /// The disk, as the backend program conventions name it: a UML COW
+    /// file is served as --cow, anything else as --raw.
+    #[arg(long, value_name = "FILE")]
+    pub blk_file: Option<PathBuf>,
     /// Virtqueues offered, the most a frontend may use (QEMU's num-queues
     /// defaults to the vCPU count). A queue costs its io_uring only once the
     /// frontend sends it a request.
@@ -111,7 +134,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub queue_size: u32,
     /// Serve read-only (VIRTIO_BLK_F_RO; writes fail).
-    #[arg(long)]
+    #[arg(long, visible_alias = "read-only")]
     pub readonly: bool,
     /// Device serial returned by GET_ID (at most 20 bytes; default derived from the file).
     #[arg(long, value_name = "STR")]

@@ -137,9 +137,18 @@ fn status(control: &Path, json: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs one subcommand.
+/// The answer to `--print-capabilities` (vhost-user backend program
+/// conventions, QEMU's docs/interop/vhost-user.json).
+pub fn capabilities() -> String {
+    serde_json::json!({"type": "block", "features": ["read-only", "blk-file"]}).to_string()
+}
+
+/// Runs one subcommand (none: serve).
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
-    match args.command {
+    let Some(command) = args.command else {
+        return serve(args.serve);
+    };
+    match command {
         Command::Serve(a) => serve(*a),
         Command::Status { control, json } => status(&control, json),
         Command::Resize {
@@ -273,12 +282,21 @@ fn check(path: &Path, backing: Option<&Path>, journal_dir: &Path) -> ExitCode {
 }
 
 fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
+    // --blk-file (the conventions' name): a COW file is served as one.
+    let (mut cow, mut raw_image) = (a.cow, a.raw);
+    if let Some(f) = a.blk_file {
+        if disk::is_cow_file(&f).unwrap_or(false) {
+            cow = Some(f);
+        } else {
+            raw_image = Some(f);
+        }
+    }
     let raw = ServeArgsRaw {
         socket: a.socket,
         fd: a.fd,
-        cow: a.cow,
+        cow,
         backing: a.backing,
-        raw: a.raw,
+        raw: raw_image,
         queues: a.queues,
         queue_size: a.queue_size,
         readonly: a.readonly,

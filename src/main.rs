@@ -15,17 +15,31 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
+    // The backend program conventions: print and exit before anything else.
+    if args.print_capabilities {
+        println!("{}", cli::capabilities());
+        return ExitCode::SUCCESS;
+    }
     // Which `serve` arguments were given (a takeover checks those only).
-    if let (args::Command::Serve(serve), Some(m)) =
-        (&mut args.command, matches.subcommand_matches("serve"))
-    {
-        serve.explicit = m
+    let serve_matches = match &args.command {
+        Some(args::Command::Serve(_)) => matches.subcommand_matches("serve"),
+        None => Some(&matches),
+        Some(_) => None,
+    };
+    if let Some(m) = serve_matches {
+        let explicit: Vec<String> = m
             .ids()
-            .filter(|id| {
-                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
-            })
+            .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
             .map(|id| id.as_str().to_owned())
             .collect();
+        if args.command.is_none() && explicit.is_empty() {
+            let _ = args::Args::command().print_help();
+            return ExitCode::from(2);
+        }
+        match &mut args.command {
+            Some(args::Command::Serve(serve)) => serve.explicit = explicit,
+            _ => args.serve.explicit = explicit,
+        }
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
