@@ -29,7 +29,9 @@ fn main() -> ExitCode {
     if let Some(m) = serve_matches {
         let explicit: Vec<String> = m
             .ids()
-            .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
             .map(|id| id.as_str().to_owned())
             .collect();
         if args.command.is_none() && explicit.is_empty() {
