@@ -314,6 +314,15 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         out_of_order: a.test_out_of_order,
         takeover: false,
     };
+    let mut raw = raw;
+    // systemd socket activation (LISTEN_FDS/LISTEN_PID), when no socket
+    // is named; read before any thread starts.
+    if raw.socket.is_none() && raw.fd.is_none() && a.takeover.is_none() {
+        if let Some(fd) = daemon::notify::listen_fd() {
+            log::info!("systemd socket activation: serving fd {fd}");
+            raw.fd = Some(fd);
+        }
+    }
     // Before any thread starts: only the signal thread takes SIGTERM/SIGINT.
     let signals = daemon::block_signals()?;
     if let Some(ctl) = a.takeover {

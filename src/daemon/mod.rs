@@ -28,6 +28,7 @@ use crate::{
 
 pub mod control;
 pub mod handover;
+pub mod notify;
 mod signals;
 mod socket;
 
@@ -335,6 +336,10 @@ pub fn run(
         info.kind,
         info.sectors()
     );
+    notify::notify(&format!(
+        "READY=1\nSTATUS=serving {} on {listen_desc}",
+        info.path.display()
+    ));
     while !stop.load(Ordering::Acquire) {
         if !serve_one(&backend, &listener, &stop, &disconnect, DRAIN_TIMEOUT)? {
             break;

@@ -37,6 +37,7 @@ pub(super) fn wait_and_stop(
         }
     };
     log::info!("signal {sig}: draining requests in flight");
+    super::notify::notify("STOPPING=1");
     stop.store(true, Ordering::Release);
     // Wake `accept` if no frontend is connected (without touching the
     // socket itself: after a handover, another instance serves it).

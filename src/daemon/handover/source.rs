@@ -250,6 +250,9 @@ impl SourceShared {
                         std::process::id()
                     );
                     let _ = reply(stream, &json!({"v": 1, "ok": true}));
+                    crate::daemon::notify::notify(&format!(
+                        "STOPPING=1\nSTATUS=handed over to pid {pid}"
+                    ));
                     pause("src-retired");
                     if self.migration.load(Ordering::Acquire) {
                         self.ctx.disconnect.now();
