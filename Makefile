@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release deps images lint unit test demo bench bench-handover crash-sweep handover-long fuzz clean
+.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover crash-sweep handover-long fuzz clean
 
 all: build
 
@@ -13,6 +13,23 @@ build:
 
 release:
 	$(CARGO) build --release
+
+# Installs the binary, its man page (generated from the clap definitions),
+# the systemd template units and the vhost-user JSON descriptor (whose
+# binary path is the installed one). PREFIX (default /usr/local), DESTDIR
+# for staging; install-files takes BIN (default the release build).
+PREFIX ?= /usr/local
+BIN ?= target/release/vhost-user-ubd
+install: release install-files
+
+install-files:
+	install -Dm755 $(BIN) $(DESTDIR)$(PREFIX)/bin/vhost-user-ubd
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1
+	$(BIN) man > $(DESTDIR)$(PREFIX)/share/man/man1/vhost-user-ubd.1
+	install -Dm644 -t $(DESTDIR)$(PREFIX)/lib/systemd/system contrib/systemd/vhost-user-ubd@.socket contrib/systemd/vhost-user-ubd@.service
+	sed -i 's|/usr/bin/vhost-user-ubd|$(PREFIX)/bin/vhost-user-ubd|g' $(DESTDIR)$(PREFIX)/lib/systemd/system/vhost-user-ubd@.service
+	install -d $(DESTDIR)$(PREFIX)/share/qemu/vhost-user
+	sed 's|"/usr/bin/vhost-user-ubd"|"$(PREFIX)/bin/vhost-user-ubd"|' contrib/50-vhost-user-ubd.json > $(DESTDIR)$(PREFIX)/share/qemu/vhost-user/50-vhost-user-ubd.json
 
 # Debian packages for the interop, boot and benchmark runs (scripts/deps.sh):
 # apt only when a binary is missing; QEMU from the suite of the installed

@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
     version,
     about,
     long_about = None,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_long_help = EXAMPLES
 )]
 pub struct Args {
     /// What to do (default: serve).
@@ -33,9 +34,33 @@ pub struct Args {
     pub serve: ServeArgs,
 }
 
+/// The examples of `--help` and the man page (the README's).
+pub const EXAMPLES: &str = "\
+Examples:
+  # A COW over a shared base (created if missing, like UML does):
+  vhost-user-ubd serve --socket /run/vm1.sock --cow vm1.cow --backing /images/base.img --queues 2
+  # A raw image, with a control socket:
+  vhost-user-ubd serve --socket /run/vm2.sock --control /run/vm2.ctl --raw disk.img
+  # The vhost-user backend program conventions:
+  vhost-user-ubd --socket-path=/run/vm3.sock --blk-file=vm3.cow --read-only
+  # Grow a served raw disk; see what a daemon serves:
+  vhost-user-ubd resize --control /run/vm2.ctl 20G
+  vhost-user-ubd status --control /run/vm2.ctl
+  # Live upgrade: a new instance takes the disk over, the old one exits 0:
+  vhost-user-ubd serve --takeover /run/vm2.ctl
+  # QEMU:
+  qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\
+    -object memory-backend-memfd,id=mem,size=1G,share=on \\
+    -chardev socket,id=vub0,path=/run/vm1.sock,reconnect-ms=10 \\
+    -device vhost-user-blk-pci,chardev=vub0,num-queues=2 ...
+";
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print the man page (roff, generated from these definitions).
+    #[command(hide = true)]
+    Man,
     /// Serve a disk to a vhost-user frontend (QEMU vhost-user-blk-pci,
     /// cloud-hypervisor, libblkio) until SIGTERM/SIGINT, or until a new
     /// instance takes it over (`serve --takeover`).

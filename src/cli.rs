@@ -43,6 +43,9 @@ pub enum CliError {
     /// The daemon failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    /// Writing the output failed.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
     /// A size that cannot be parsed.
     #[error(
         "cannot read the size {0:?}: give bytes, or a number with K, M, G or T (powers of 1024)"
@@ -149,6 +152,17 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
         return serve(args.serve);
     };
     match command {
+        Command::Man => {
+            use clap::CommandFactory;
+            let man = clap_mangen::Man::new(Args::command());
+            let mut out = Vec::new();
+            man.render(&mut out).map_err(CliError::Output)?;
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&out)
+                .map_err(CliError::Output)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve(a) => serve(*a),
         Command::Status { control, json } => status(&control, json),
         Command::Resize {

@@ -201,3 +201,46 @@ fn the_json_descriptor_names_a_block_backend() {
     other["type"] = "fs".into();
     assert!(check(&other).is_err(), "negative control");
 }
+
+/// `make install-files` (what `make install` does after the release
+/// build) stages the binary, a man page generated from the clap
+/// definitions with the examples, the systemd units and the descriptor,
+/// whose binary path is the installed one.
+#[test]
+fn make_install_stages_the_binary_man_page_units_and_descriptor() {
+    let dest = tempfile::tempdir().unwrap();
+    let out = Command::new("make")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["-s", "install-files"])
+        .arg(format!("BIN={BINARY}"))
+        .arg(format!("DESTDIR={}", dest.path().display()))
+        .arg("PREFIX=/opt/ubd")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let root = dest.path().join("opt/ubd");
+    for f in [
+        "bin/vhost-user-ubd",
+        "lib/systemd/system/vhost-user-ubd@.socket",
+        "lib/systemd/system/vhost-user-ubd@.service",
+    ] {
+        assert!(root.join(f).is_file(), "{f}");
+    }
+    let man = std::fs::read_to_string(root.join("share/man/man1/vhost-user-ubd.1")).unwrap();
+    assert!(man.contains(".TH vhost-user-ubd 1"), "a man page");
+    for word in ["takeover", "print\\-capabilities", "Examples:"] {
+        assert!(man.contains(word), "{word} in the man page");
+    }
+    let desc: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("share/qemu/vhost-user/50-vhost-user-ubd.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(desc["binary"], "/opt/ubd/bin/vhost-user-ubd");
+    let unit =
+        std::fs::read_to_string(root.join("lib/systemd/system/vhost-user-ubd@.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/opt/ubd/bin/vhost-user-ubd serve"),
+        "{unit}"
+    );
+}
