@@ -192,6 +192,16 @@ pub struct ServeArgs {
     /// file system with birth times (tmpfs, ext4, xfs, btrfs).
     #[arg(long, default_value = "/dev/shm", value_name = "DIR|off")]
     pub crash_journal: String,
+    /// COW: what the backing file is checked for against the header, at
+    /// open and once a second while served: size+mtime (as UML does), size
+    /// (a base on a network store mounted as a file, whose mtime is the
+    /// mount's), or none. Logged at start when not size+mtime.
+    #[arg(
+        long,
+        default_value = "size+mtime",
+        value_name = "size+mtime|size|none"
+    )]
+    pub backing_check: String,
     /// Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), offered
     /// to frontends that take it (QEMU, cloud-hypervisor): a restarted
     /// daemon completes every request exactly once, and requests complete

@@ -257,6 +257,7 @@ fn check(path: &Path, backing: Option<&Path>, journal_dir: &Path) -> ExitCode {
         direct: false,
         no_lock: false,
         lock_wait: std::time::Duration::ZERO,
+        backing_check: cow::BackingCheck::SizeMtime,
     };
     match CowFile::open(path, &opts) {
         Ok(f) => {
@@ -327,6 +328,7 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         inflight: a.inflight,
         out_of_order: a.test_out_of_order,
         takeover: false,
+        backing_check: a.backing_check,
     };
     let mut raw = raw;
     // systemd socket activation (LISTEN_FDS/LISTEN_PID), when no socket

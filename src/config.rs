@@ -40,6 +40,8 @@ pub enum DiskSpec {
 /// Everything `serve` needs, validated.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// What a COW's backing file is checked for (`--backing-check`).
+    pub backing_check: crate::cow::BackingCheck,
     /// Where to listen.
     pub listen: ListenOn,
     /// What to serve.
@@ -118,6 +120,9 @@ pub enum ConfigError {
     /// Checkpoint thresholds of zero.
     #[error("--checkpoint-extents and --checkpoint-ms must be at least 1")]
     Checkpoint,
+    /// Unknown --backing-check.
+    #[error("--backing-check {0}: must be 'size+mtime', 'size' or 'none'")]
+    BackingCheck(String),
     /// A `--takeover` argument that differs from the running instance's.
     #[error("{0}; leave it out to take the running instance's over, or stop that instance and start afresh")]
     TakeoverMismatch(String),
@@ -171,6 +176,8 @@ pub struct ServeArgsRaw {
     pub out_of_order: bool,
     /// `--takeover`: the listening socket may be the predecessor's.
     pub takeover: bool,
+    /// --backing-check (empty: the default)
+    pub backing_check: String,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -245,11 +252,18 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
                 Some(dir)
             }
         };
+        let backing_check = if a.backing_check.is_empty() {
+            crate::cow::BackingCheck::default()
+        } else {
+            crate::cow::BackingCheck::parse(&a.backing_check)
+                .ok_or_else(|| ConfigError::BackingCheck(a.backing_check.clone()))?
+        };
         let threads = a.threads.unwrap_or_else(|| default_threads(a.queues));
         if threads == 0 || threads > a.queues {
             return Err(ConfigError::Threads(threads, a.queues));
         }
         Ok(Self {
+            backing_check,
             listen,
             disk,
             queues: a.queues,
@@ -391,6 +405,13 @@ pub fn for_takeover(
         a.crash_journal.clone(),
         spec.crash_journal.clone(),
     )?;
+    plain(
+        "backing_check",
+        "--backing-check",
+        a.backing_check.clone(),
+        spec.backing_check.clone(),
+    )?;
+    a.backing_check.clone_from(&spec.backing_check);
     if !migration {
         a.socket = spec.socket.clone();
     }
@@ -458,6 +479,7 @@ impl ServeConfig {
                 .map_or_else(|| "off".into(), |d| d.display().to_string()),
             control: self.control.clone(),
             out_of_order: self.out_of_order,
+            backing_check: self.backing_check.name().to_owned(),
         }
     }
 
@@ -479,6 +501,7 @@ impl ServeConfig {
             observer: None,
             journal_dir: self.crash_journal.clone(),
             lock_wait: LOCK_WAIT,
+            backing_check: self.backing_check,
         }
     }
 }

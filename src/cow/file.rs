@@ -304,6 +304,8 @@ pub struct OpenCow {
     /// daemon waits for that instead of failing. POSIX holders (UML) are
     /// not waited for.
     pub lock_wait: std::time::Duration,
+    /// What the backing file is checked for against the header.
+    pub backing_check: BackingCheck,
 }
 
 /// Takes the OFD lock, waiting up to `wait` while another open file
@@ -372,6 +374,8 @@ pub struct CowFile {
     pub bitmap: Bitmap,
     /// Bits set in the file's bitmap when it was opened.
     pub bits_at_open: u64,
+    /// What the backing file is checked for, at open and while served.
+    pub backing_check: BackingCheck,
 }
 
 fn open_maybe_direct(path: &Path, write: bool, direct: bool) -> io::Result<(File, bool)> {
@@ -461,6 +465,42 @@ pub(super) fn read_layout(
     Ok((header, geometry, file_len))
 }
 
+/// What is compared between the backing file and the COW header
+/// (`serve --backing-check`). UML compares size and mtime; a base on a
+/// network store mounted as a file (nbdfuse, some FUSE or NFS set-ups) has
+/// the mount's mtime, not the original file's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackingCheck {
+    /// Size exact and mtime seconds, as UML does.
+    #[default]
+    SizeMtime,
+    /// Size only: a different base of the same size goes unnoticed.
+    Size,
+    /// Nothing: any file is taken for the base.
+    None,
+}
+
+impl BackingCheck {
+    /// The `--backing-check` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SizeMtime => "size+mtime",
+            Self::Size => "size",
+            Self::None => "none",
+        }
+    }
+
+    /// Parses the `--backing-check` spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "size+mtime" => Some(Self::SizeMtime),
+            "size" => Some(Self::Size),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+}
+
 /// Compares the backing file with the header (size exact, mtime seconds).
 pub fn check_backing(
     cow: &Path,
@@ -468,6 +508,20 @@ pub fn check_backing(
     header: &CowHeader,
     meta: &std::fs::Metadata,
 ) -> Result<(), CowFileError> {
+    check_backing_with(cow, backing, header, meta, BackingCheck::SizeMtime)
+}
+
+/// Compares the backing file with the header as `check` says.
+pub fn check_backing_with(
+    cow: &Path,
+    backing: &Path,
+    header: &CowHeader,
+    meta: &std::fs::Metadata,
+    check: BackingCheck,
+) -> Result<(), CowFileError> {
+    if check == BackingCheck::None {
+        return Ok(());
+    }
     let size = if meta.file_type().is_block_device() {
         header.size
     } else {
@@ -482,7 +536,7 @@ pub fn check_backing(
         });
     }
     // UML compares the stored 32-bit value with the 64-bit st_mtime.
-    if meta.mtime() != i64::from(header.mtime) {
+    if check == BackingCheck::SizeMtime && meta.mtime() != i64::from(header.mtime) {
         return Err(CowFileError::BackingMtime {
             cow: cow.to_path_buf(),
             backing: backing.to_path_buf(),
@@ -515,7 +569,12 @@ impl CowFile {
     /// Takes over a COW file another instance opened, checked and locked
     /// (its OFD locks came with the descriptors), with its bitmap in memory.
     /// The header and the backing are checked again, as `open` does.
-    pub fn adopt(path: &Path, backing_path: &Path, f: Passed) -> Result<Self, CowFileError> {
+    pub fn adopt(
+        path: &Path,
+        backing_path: &Path,
+        f: Passed,
+        backing_check: BackingCheck,
+    ) -> Result<Self, CowFileError> {
         let (header, geometry, _) = read_layout(&f.meta_fd, path)?;
         let bmeta = f
             .backing_fd
@@ -525,13 +584,14 @@ impl CowFile {
                 backing: backing_path.to_path_buf(),
                 source: e,
             })?;
-        check_backing(path, backing_path, &header, &bmeta)?;
+        check_backing_with(path, backing_path, &header, &bmeta, backing_check)?;
         let len = usize::try_from(geometry.nsect.div_ceil(8))
             .map_err(|_| bitmap_read(path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
         let mem = crate::engine::AtomicBytes::from_memfd(f.bitmap, len)
             .map_err(|e| bitmap_read(path, e))?;
         let bitmap = Bitmap::from_atomic(mem, geometry.nsect).map_err(|e| bitmap_read(path, e))?;
         Ok(Self {
+            backing_check,
             bits_at_open: bitmap.count_set(),
             path: path.to_path_buf(),
             backing_path: backing_path.to_path_buf(),
@@ -594,7 +654,7 @@ impl CowFile {
             ofd_lock(&backing_fd, &backing_path, false, "backing file")?;
         }
         let bmeta = backing_fd.metadata().map_err(backing_err)?;
-        check_backing(path, &backing_path, &header, &bmeta)?;
+        check_backing_with(path, &backing_path, &header, &bmeta, opts.backing_check)?;
 
         let (data_fd, direct) =
             open_maybe_direct(path, !opts.readonly, opts.direct).map_err(open_err)?;
@@ -618,6 +678,7 @@ impl CowFile {
         let (bitmap, bits_at_open) =
             load_bitmap(&meta_fd, &geometry).map_err(|e| bitmap_read(path, e))?;
         Ok(Self {
+            backing_check: opts.backing_check,
             bits_at_open,
             path: path.to_path_buf(),
             backing_path,

@@ -84,7 +84,7 @@ pub fn adopt(
                 direct: *direct,
                 backing_direct: *backing_direct,
             };
-            let file = crate::cow::CowFile::adopt(path, backing, files)?;
+            let file = crate::cow::CowFile::adopt(path, backing, files, opts.backing_check)?;
             Ok(Arc::new(super::cow::CowDisk::from_file(file, opts)?))
         }
     }

@@ -376,6 +376,8 @@ pub struct DiskOptions {
     /// description (a daemon killed a moment ago whose in-flight I/O is
     /// still draining); see `OpenCow::lock_wait`.
     pub lock_wait: Duration,
+    /// What a COW's backing file is checked for (`--backing-check`).
+    pub backing_check: crate::cow::BackingCheck,
 }
 
 /// Which interface carries `O_DIRECT` data writes (`--cache none`; not the
@@ -425,6 +427,7 @@ impl Default for DiskOptions {
             observer: None,
             journal_dir: None,
             lock_wait: Duration::ZERO,
+            backing_check: crate::cow::BackingCheck::SizeMtime,
         }
     }
 }

@@ -92,6 +92,9 @@ pub struct Spec {
     /// The data descriptors are `O_DIRECT`.
     #[serde(default)]
     pub direct: bool,
+    /// `--backing-check`.
+    #[serde(default)]
+    pub backing_check: String,
 }
 
 /// Counters the destination carries on.

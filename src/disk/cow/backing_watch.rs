@@ -53,9 +53,15 @@ impl BackingWatch {
         let f = &shared.file;
         let problem = match f.backing_fd.metadata() {
             Err(e) => Some(format!("cannot stat it: {e}")),
-            Ok(m) => crate::cow::file::check_backing(&f.path, &f.backing_path, &f.header, &m)
-                .err()
-                .map(|e| e.to_string()),
+            Ok(m) => crate::cow::file::check_backing_with(
+                &f.path,
+                &f.backing_path,
+                &f.header,
+                &m,
+                f.backing_check,
+            )
+            .err()
+            .map(|e| e.to_string()),
         };
         if let Some(p) = problem {
             shared.backing_changed.store(true, Ordering::Release);

@@ -64,6 +64,7 @@ impl CowDisk {
                 direct: opts.direct,
                 no_lock: false,
                 lock_wait: opts.lock_wait,
+                backing_check: opts.backing_check,
             },
         )?;
         Self::from_file(file, opts)
@@ -79,6 +80,26 @@ impl CowDisk {
             path: path.to_path_buf(),
             source: e,
         };
+        match file.backing_check {
+            crate::cow::BackingCheck::SizeMtime => {}
+            c => log::warn!(
+                "{}: backing file {} checked for {} only (--backing-check {}): a changed base \
+                 {} goes unnoticed",
+                path.display(),
+                file.backing_path.display(),
+                if c == crate::cow::BackingCheck::Size {
+                    "its size"
+                } else {
+                    "nothing"
+                },
+                c.name(),
+                if c == crate::cow::BackingCheck::Size {
+                    "of the same size"
+                } else {
+                    "of any size"
+                }
+            ),
+        }
         let meta = file.meta_fd.metadata().map_err(setup)?;
         if file.geometry.data_offset > crate::cow::header::UML_MAX_DATA_OFFSET {
             log::warn!(
