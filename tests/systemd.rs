@@ -75,9 +75,11 @@ fn serves(sock: &Path) {
 }
 
 fn sigterm_exits_0(d: &mut Running, notify: &UnixDatagram) {
+    let pid = i32::try_from(d.0.id()).unwrap();
     // SAFETY: kill(2) on the pid of a child this test started and has not
     // reaped.
-    assert_eq!(unsafe { libc::kill(i32::try_from(d.0.id()).unwrap(), libc::SIGTERM) }, 0);
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     wait_notify(notify, "STOPPING=1", Duration::from_secs(20));
     let end = Instant::now() + Duration::from_secs(40);
     loop {
