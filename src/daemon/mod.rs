@@ -203,6 +203,9 @@ fn switch_over(
             sw.pending.set((sw.open)().map_err(|e| fail(e.into()))?);
         }
     }
+    // Only now: the source has let go (or is gone), so it cannot serve
+    // again while this instance does.
+    sw.gate.open(true);
     log::info!(
         "handover: live (switch-over of a live migration in {:?})",
         t0.elapsed()

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The switch-over gate of a migration destination: the daemon answers
-//! the frontend's set-up messages before it has a disk, and the first kick
-//! of a started ring (the destination VM runs: the source has stopped its
-//! rings) asks for the disk and waits until the handover has brought it.
+//! the frontend's set-up messages before it has a disk, and the first event
+//! of a started ring (vhost-user-backend handles a ring's enable as a kick;
+//! QEMU enables the destination's rings when the VM runs there, after the
+//! source stopped its rings) asks for the disk and waits until the
+//! handover has brought it.
 
 use std::{
     sync::{
