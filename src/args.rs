@@ -192,6 +192,16 @@ pub struct ServeArgs {
     /// file system with birth times (tmpfs, ext4, xfs, btrfs).
     #[arg(long, default_value = "/dev/shm", value_name = "DIR|off")]
     pub crash_journal: String,
+    /// The sandbox entered once the socket is bound and the files are
+    /// open: seccomp (every capability dropped, no_new_privs, a system-call
+    /// allow-list for every thread; io_uring restricted to its opcodes) or
+    /// none.
+    #[arg(long, default_value = "seccomp", value_name = "seccomp|none")]
+    pub sandbox: String,
+    /// What a system call outside the sandbox's list does: kill (the
+    /// daemon, SIGSYS) or log (the kernel logs it, the call goes through).
+    #[arg(long, default_value = "kill", value_name = "kill|log")]
+    pub seccomp: String,
     /// COW: what the backing file is checked for against the header, at
     /// open and once a second while served: size+mtime (as UML does), size
     /// (a base on a network store mounted as a file, whose mtime is the

@@ -329,6 +329,8 @@ fn serve(a: crate::args::ServeArgs) -> Result<ExitCode, CliError> {
         out_of_order: a.test_out_of_order,
         takeover: false,
         backing_check: a.backing_check,
+        sandbox: a.sandbox,
+        seccomp: a.seccomp,
     };
     let mut raw = raw;
     // systemd socket activation (LISTEN_FDS/LISTEN_PID), when no socket
@@ -390,6 +392,7 @@ fn fresh(
             spec,
             takeover: None,
             switch: None,
+            sandbox: (cfg.sandbox, cfg.on_violation),
         },
         signals,
     )?;
@@ -517,6 +520,7 @@ fn takeover(
             spec,
             takeover: Some(t),
             switch: None,
+            sandbox: (cfg.sandbox, cfg.on_violation),
         },
         signals,
     )?;
@@ -586,6 +590,7 @@ fn migrate_in(
                 opts,
                 open,
             }),
+            sandbox: (cfg.sandbox, cfg.on_violation),
         },
         signals,
     )?;

@@ -40,6 +40,10 @@ pub enum DiskSpec {
 /// Everything `serve` needs, validated.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// `--sandbox`.
+    pub sandbox: crate::daemon::sandbox::Sandbox,
+    /// `--seccomp`.
+    pub on_violation: crate::daemon::sandbox::OnViolation,
     /// What a COW's backing file is checked for (`--backing-check`).
     pub backing_check: crate::cow::BackingCheck,
     /// Where to listen.
@@ -120,6 +124,12 @@ pub enum ConfigError {
     /// Checkpoint thresholds of zero.
     #[error("--checkpoint-extents and --checkpoint-ms must be at least 1")]
     Checkpoint,
+    /// Unknown --sandbox.
+    #[error("--sandbox {0}: must be 'seccomp' or 'none'")]
+    Sandbox(String),
+    /// Unknown --seccomp.
+    #[error("--seccomp {0}: must be 'kill' or 'log'")]
+    Seccomp(String),
     /// Unknown --backing-check.
     #[error("--backing-check {0}: must be 'size+mtime', 'size' or 'none'")]
     BackingCheck(String),
@@ -178,6 +188,10 @@ pub struct ServeArgsRaw {
     pub takeover: bool,
     /// --backing-check (empty: the default)
     pub backing_check: String,
+    /// --sandbox (empty: the default)
+    pub sandbox: String,
+    /// --seccomp (empty: the default)
+    pub seccomp: String,
 }
 
 impl TryFrom<ServeArgsRaw> for ServeConfig {
@@ -258,11 +272,24 @@ impl TryFrom<ServeArgsRaw> for ServeConfig {
             crate::cow::BackingCheck::parse(&a.backing_check)
                 .ok_or_else(|| ConfigError::BackingCheck(a.backing_check.clone()))?
         };
+        use crate::daemon::sandbox::{OnViolation, Sandbox};
+        let sandbox = match a.sandbox.as_str() {
+            "" | "seccomp" => Sandbox::Seccomp,
+            "none" => Sandbox::None,
+            other => return Err(ConfigError::Sandbox(other.into())),
+        };
+        let on_violation = match a.seccomp.as_str() {
+            "" | "kill" => OnViolation::Kill,
+            "log" => OnViolation::Log,
+            other => return Err(ConfigError::Seccomp(other.into())),
+        };
         let threads = a.threads.unwrap_or_else(|| default_threads(a.queues));
         if threads == 0 || threads > a.queues {
             return Err(ConfigError::Threads(threads, a.queues));
         }
         Ok(Self {
+            sandbox,
+            on_violation,
             backing_check,
             listen,
             disk,

@@ -106,8 +106,14 @@ fn socket_activation_and_notifications_as_systemd_does_them() {
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     // What systemd does between fork and exec: the socket as fd 3,
     // LISTEN_FDS=1 and LISTEN_PID naming the process that execs.
+    // (When the listener already is descriptor 3 there is nothing to move.)
+    let moves = if fd == 3 {
+        String::new()
+    } else {
+        format!("exec 3<&{fd}; exec {fd}<&-; ")
+    };
     let script = format!(
-        "exec 3<&{fd}; exec {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --raw \"$1\" --crash-journal off"
+        "{moves}LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --raw \"$1\" --crash-journal off"
     );
     let log = std::fs::File::create(dir.path().join("d.log")).unwrap();
     let mut d = Running(

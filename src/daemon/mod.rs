@@ -29,6 +29,7 @@ use crate::{
 pub mod control;
 pub mod handover;
 pub mod notify;
+pub mod sandbox;
 mod signals;
 mod socket;
 
@@ -93,6 +94,12 @@ pub enum DaemonError {
         /// Why, and what to do.
         reason: String,
     },
+    /// The sandbox cannot be entered.
+    #[error("sandbox: {reason}")]
+    Sandbox {
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A live handover failed or was refused.
     #[error("handover from the instance at {ctl}: {reason}")]
     Handover {
@@ -138,6 +145,8 @@ pub struct Serving {
     pub takeover: Option<handover::Takeover>,
     /// A live migration's destination: how the disk arrives.
     pub switch: Option<Switch>,
+    /// The sandbox entered before serving.
+    pub sandbox: (sandbox::Sandbox, sandbox::OnViolation),
 }
 
 /// How a migration destination gets its disk at the switch-over.
@@ -248,6 +257,7 @@ pub fn run(
         spec,
         takeover,
         switch,
+        sandbox: (sandbox_mode, on_violation),
     } = serving;
     let stop = Arc::new(AtomicBool::new(false));
     let disconnect = Disconnect::default();
@@ -339,6 +349,8 @@ pub fn run(
         info.kind,
         info.sectors()
     );
+    // Everything is bound and open: from here on, only the serving paths.
+    sandbox::enter(sandbox_mode, on_violation)?;
     notify::notify(&format!(
         "READY=1\nSTATUS=serving {} on {listen_desc}",
         info.path.display()

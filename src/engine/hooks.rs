@@ -75,3 +75,21 @@ pub fn drain_report() -> Duration {
             .unwrap_or(Duration::from_secs(60))
     })
 }
+
+/// Test hook `VHOST_USER_UBD_TEST_FORBIDDEN_SYSCALL`: a serving thread
+/// makes a system call outside the sandbox's list (`socket(AF_INET)`), so
+/// that a test can see the sandbox stop it. Does nothing without the
+/// variable; with it, once per process.
+pub fn forbidden_syscall() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if std::env::var_os("VHOST_USER_UBD_TEST_FORBIDDEN_SYSCALL").is_none() {
+        return;
+    }
+    ONCE.call_once(|| {
+        log::warn!("test hook: a forbidden system call (socket(AF_INET)) from a serving thread");
+        match std::net::UdpSocket::bind("127.0.0.1:0") {
+            Ok(_) => log::warn!("test hook: the forbidden system call went through"),
+            Err(e) => log::warn!("test hook: the forbidden system call failed: {e}"),
+        }
+    });
+}

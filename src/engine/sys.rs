@@ -331,3 +331,67 @@ pub fn recv_fds(
     }
     Ok((n, owned))
 }
+
+/// `struct __user_cap_header_struct` (capget/capset).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`, two of them for version 3.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Drops every capability of the process: the bounding and ambient sets
+/// (where it may), then effective, permitted and inheritable. A process
+/// without CAP_SETPCAP has nothing to drop from the bounding set.
+pub fn drop_capabilities() -> io::Result<()> {
+    let last: u64 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    for cap in 0..=last {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) {
+                break;
+            }
+            return Err(e);
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    let mut header = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capset reads a header and two data structs, valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            (&raw mut header).cast::<libc::c_void>(),
+            data.as_mut_ptr().cast::<libc::c_void>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

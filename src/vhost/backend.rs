@@ -292,6 +292,7 @@ impl VhostUserBackend for BlkBackend {
         self.announce_pending();
         let mut w = lock(worker);
         if !disk {
+            crate::engine::hooks::forbidden_syscall();
             if let Some(g) = &self.gate {
                 // A migration destination: the first kick of a started ring
                 // brings the disk over (the source has stopped its rings).

@@ -263,3 +263,35 @@ fn write_then_read_with_bounce_buffers() {
     assert_eq!(out[0].result, 512);
     assert_eq!([c, d].concat(), back);
 }
+
+/// A restricted ring runs the operations the engine submits and refuses
+/// any other with EACCES; an unrestricted ring runs it (negative control).
+#[test]
+fn a_restricted_ring_refuses_operations_the_engine_does_not_submit() {
+    use io_uring::{opcode, types, IoUring};
+    let file = tempfile::tempfile().unwrap();
+    std::io::Write::write_all(&mut &file, &[7u8; 512]).unwrap();
+    let run = |ring: &mut IoUring, sqe: io_uring::squeue::Entry| -> i32 {
+        // SAFETY: the SQE's buffer (if any) outlives the wait below.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        ring.completion().next().unwrap().result()
+    };
+    let mut buf = [0u8; 512];
+    let read = |buf: &mut [u8; 512]| {
+        opcode::Read::new(
+            types::Fd(std::os::fd::AsRawFd::as_raw_fd(&file)),
+            buf.as_mut_ptr(),
+            512,
+        )
+        .offset(0)
+        .build()
+    };
+    let mut restricted = IoUring::builder().setup_r_disabled().build(8).unwrap();
+    super::restrict(&restricted).unwrap();
+    assert_eq!(run(&mut restricted, opcode::Nop::new().build()), 0);
+    assert_eq!(run(&mut restricted, read(&mut buf)), -libc::EACCES);
+    let mut open = IoUring::new(8).unwrap();
+    assert_eq!(run(&mut open, read(&mut buf)), 512, "negative control");
+    assert_eq!(buf, [7u8; 512]);
+}
