@@ -39,6 +39,8 @@ pub(super) fn wait_and_stop(
     log::info!("signal {sig}: draining requests in flight");
     super::notify::notify("STOPPING=1");
     stop.store(true, Ordering::Release);
+    // A migration destination's rings waiting for the switch-over give up.
+    backend.gate_failed();
     // Wake `accept` if no frontend is connected (without touching the
     // socket itself: after a handover, another instance serves it).
     listener.wake();
