@@ -5,56 +5,10 @@
 //! as its memfd (no copy, no re-read), the rest as JSON. The receiving side
 //! checks what it gets as it would check a file it opened.
 
-use std::{fs::File, os::fd::OwnedFd, path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
+pub use super::passed::{DiskExport, DiskMeta, Received};
 use super::{Disk, DiskError, DiskOptions};
-
-/// What is said about the passed files.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum DiskMeta {
-    /// A raw image: descriptor `image`.
-    Raw {
-        /// The image's path (logs, the serial).
-        path: PathBuf,
-        /// The descriptor is `O_DIRECT`.
-        direct: bool,
-    },
-    /// A COW file: descriptors `cow-meta`, `cow-data`, `backing`, `bitmap`.
-    Cow {
-        /// The COW file's path.
-        path: PathBuf,
-        /// The backing file actually used.
-        backing: PathBuf,
-        /// `cow-data` is `O_DIRECT`.
-        direct: bool,
-        /// `backing` is `O_DIRECT`.
-        backing_direct: bool,
-    },
-}
-
-/// A disk's files, ready to be passed.
-#[derive(Debug)]
-pub struct DiskExport {
-    /// What they are.
-    pub meta: DiskMeta,
-    /// The descriptors, by name.
-    pub fds: Vec<(&'static str, OwnedFd)>,
-}
-
-/// Descriptors received, by name.
-#[derive(Debug, Default)]
-pub struct Received(pub Vec<(String, OwnedFd)>);
-
-impl Received {
-    /// Takes the descriptor `name` as a file.
-    pub fn take(&mut self, name: &str) -> Option<File> {
-        let i = self.0.iter().position(|(n, _)| n == name)?;
-        Some(File::from(self.0.swap_remove(i).1))
-    }
-}
 
 /// Builds the disk a predecessor passed.
 pub fn adopt(

@@ -285,7 +285,7 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
     /// reopening anything (a live handover): new descriptors of the open
     /// files (their open file descriptions, so the locks go with them)
     /// and what is known about them. Call on a persisted, idle disk.
-    fn export(&self) -> Result<handover::DiskExport, DiskError>;
+    fn export(&self) -> Result<passed::DiskExport, DiskError>;
     /// Handed over (`true`): every later request fails with EIO, and
     /// shutdown writes nothing and leaves the files (the crash journal
     /// included) to the new instance. `false` takes the disk back (the
@@ -294,6 +294,7 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
 }
 
 pub mod handover;
+pub mod passed;
 
 /// Makes every completed write durable (with its COW bits): a FLUSH, for
 /// a disk that takes no more requests (a live handover's suspend).

@@ -201,14 +201,14 @@ impl Disk for RawDisk {
         Ok(())
     }
 
-    fn export(&self) -> Result<super::handover::DiskExport, DiskError> {
+    fn export(&self) -> Result<super::passed::DiskExport, DiskError> {
         let s = &self.shared;
         let fd = s.file.try_clone().map_err(|e| DiskError::Setup {
             path: s.info.path.clone(),
             source: e,
         })?;
-        Ok(super::handover::DiskExport {
-            meta: super::handover::DiskMeta::Raw {
+        Ok(super::passed::DiskExport {
+            meta: super::passed::DiskMeta::Raw {
                 path: s.info.path.clone(),
                 direct: s.info.direct,
             },

@@ -234,7 +234,7 @@ impl Disk for CowDisk {
         })
     }
 
-    fn export(&self) -> Result<crate::disk::handover::DiskExport, DiskError> {
+    fn export(&self) -> Result<crate::disk::passed::DiskExport, DiskError> {
         let f = &self.shared.file;
         let err = |e| DiskError::Setup {
             path: f.path.clone(),
@@ -247,8 +247,8 @@ impl Disk for CowDisk {
                 "the bitmap is not in shared memory",
             ))
         })?;
-        Ok(crate::disk::handover::DiskExport {
-            meta: crate::disk::handover::DiskMeta::Cow {
+        Ok(crate::disk::passed::DiskExport {
+            meta: crate::disk::passed::DiskMeta::Cow {
                 path: f.path.clone(),
                 backing: f.backing_path.clone(),
                 direct: f.direct,
