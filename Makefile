@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover crash-sweep handover-long fuzz clean
+.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover bench-migration bench-network-base crash-sweep handover-long fuzz clean
 
 all: build
 
@@ -73,6 +73,26 @@ bench: deps
 # BENCH_GAP, BENCH_SERVE_ARGS tune it.
 bench-handover: deps images release
 	python3 bench/handover.py
+
+# Live migration of a booted guest (bench/migration.py): the guest of
+# tests/boot_migration.rs (fio write/verify loop) migrated BENCH_MIGRATIONS
+# times (5) between QEMUs, each on a new backend: vhost-user-ubd (serve
+# --takeover CTL --socket NEW) and qemu-storage-daemon with a qcow2 overlay;
+# downtime and total time from query-migrate (median, max), the storage
+# switch's own time. Writes bench/work/migration.md (BENCH_OUT);
+# BENCH_SYSTEMS, BENCH_GAP, BENCH_BANDWIDTH_MIB tune it.
+bench-migration: deps images release
+	python3 bench/migration.py
+
+# Reads of base data through the daemon with the base on a network store
+# (bench/network_base.py: qemu-nbd --read-only in a network namespace of its
+# own, mounted with nbdfuse over a veth pair) and on a local file, side by
+# side: cold (drop_caches, a fresh mount) and warm qd1 p50/p99 and qd32 IOPS,
+# --cache writeback and none. Needs root. Writes bench/work/network_base.md
+# (BENCH_OUT); BENCH_SECONDS, BENCH_REPS, BENCH_BASE_MIB, BENCH_CACHES tune it.
+bench-network-base: deps
+	$(CARGO) build --release --workspace
+	python3 bench/network_base.py
 
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:

@@ -22,8 +22,14 @@
 #    named.
 set -euo pipefail
 
-NEED_BINS="uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon qemu-img busybox mkfs.ext4 python3"
-BASE_PKGS="uml-utilities busybox-static python3 e2fsprogs"
+# nbdfuse, fusermount3, ip: a base on a network store (tests/network_base.rs,
+# bench/network_base.py: qemu-nbd exports it, nbdfuse mounts it as a file).
+# virsh, libvirtd, virt-xml-validate, xmllint: a libvirt domain on our socket
+# (tests/libvirt.rs). libvirt from the codename's suite (9.0 on bookworm),
+# not backports (which would pull systemd 254); its QEMU driver is a module
+# with no binary to look for, so it is a base package.
+NEED_BINS="uml_mkcow uml_moo qemu-system-x86_64 qemu-storage-daemon qemu-img busybox mkfs.ext4 python3 nbdfuse fusermount3 ip virsh libvirtd virt-xml-validate xmllint"
+BASE_PKGS="uml-utilities busybox-static python3 e2fsprogs libnbd-bin fuse3 iproute2 libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu libxml2-utils"
 QEMU_PKGS="qemu-system-x86 qemu-utils"
 OURS=/etc/apt/sources.list.d/vhost-user-ubd-backports.sources
 DRY=${VUB_DEPS_DRY_RUN:-}
@@ -38,6 +44,12 @@ pkg_of() {
     qemu-storage-daemon|qemu-img) echo qemu-utils ;;
     busybox) echo busybox-static ;;
     mkfs.ext4) echo e2fsprogs ;;
+    nbdfuse) echo libnbd-bin ;;
+    fusermount3) echo fuse3 ;;
+    ip) echo iproute2 ;;
+    virsh|virt-xml-validate) echo libvirt-clients ;;
+    libvirtd) echo libvirt-daemon ;;
+    xmllint) echo libxml2-utils ;;
     *) echo "$1" ;;
   esac
 }
@@ -52,7 +64,7 @@ installed_version() { { dpkg-query -W -f='${db:Status-Abbrev} ${Version}\n' "$1"
 
 report_versions() {
   local p v
-  for p in qemu-utils qemu-system-x86 qemu-system-common uml-utilities busybox-static e2fsprogs python3; do
+  for p in qemu-utils qemu-system-x86 qemu-system-common uml-utilities busybox-static e2fsprogs python3 libnbd-bin fuse3 libvirt-daemon; do
     v=$(installed_version "$p")
     say "  $p ${v:-(not installed)}"
   done
