@@ -110,6 +110,14 @@ pub enum Command {
         /// Use this backing file instead of the header's.
         #[arg(long)]
         backing: Option<PathBuf>,
+        /// What the backing file is checked for, as `serve --backing-check`
+        /// (size+mtime, size or none).
+        #[arg(
+            long,
+            default_value = "size+mtime",
+            value_name = "size+mtime|size|none"
+        )]
+        backing_check: String,
         /// Where `serve` keeps the COW's crash journal (to report one left by
         /// a daemon that died).
         #[arg(long, default_value = "/dev/shm", value_name = "DIR")]

@@ -212,9 +212,14 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
         }
         Command::Check {
             backing,
+            backing_check,
             cow,
             crash_journal,
-        } => Ok(check(&cow, backing.as_deref(), &crash_journal)),
+        } => {
+            let mode = cow::BackingCheck::parse(&backing_check)
+                .ok_or(ConfigError::BackingCheck(backing_check))?;
+            Ok(check(&cow, backing.as_deref(), &crash_journal, mode))
+        }
     }
 }
 
@@ -250,14 +255,19 @@ fn print_report(r: &CowReport) {
     }
 }
 
-fn check(path: &Path, backing: Option<&Path>, journal_dir: &Path) -> ExitCode {
+fn check(
+    path: &Path,
+    backing: Option<&Path>,
+    journal_dir: &Path,
+    backing_check: cow::BackingCheck,
+) -> ExitCode {
     let opts = OpenCow {
         readonly: false,
         backing: backing.map(Path::to_path_buf),
         direct: false,
         no_lock: false,
         lock_wait: std::time::Duration::ZERO,
-        backing_check: cow::BackingCheck::SizeMtime,
+        backing_check,
     };
     match CowFile::open(path, &opts) {
         Ok(f) => {

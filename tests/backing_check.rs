@@ -119,3 +119,99 @@ fn the_default_fails_base_reads_after_an_mtime_change_while_served() {
     drop(c);
     let _ = d.terminate();
 }
+
+/// A loop device attached to `file` (detached on drop); `None` where loop
+/// devices cannot be used here.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Option<Self> {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Self(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// A block-device base (krbd, rbd-nbd, the kernel NBD client; here a loop
+/// device): `create` takes the device's size (its metadata says 0), and a
+/// device of another size is refused under `size`, as a file would be.
+/// Negative control: `none` serves the wrong device.
+#[test]
+fn a_block_device_base_is_measured_not_taken_at_its_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    make_backing(&base, 1 << 20);
+    let Some(dev) = Loop::attach(&base) else {
+        return;
+    };
+    let cow = dir.path().join("disk.cow");
+    let out = std::process::Command::new(BINARY)
+        .arg("create")
+        .arg(&cow)
+        .arg(&dev.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let info = std::process::Command::new(BINARY)
+        .args(["info", "--json"])
+        .arg(&cow)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["size"], 1 << 20, "the device's size: {v}");
+    {
+        let d = DaemonBuilder::new(dir.path())
+            .name("right")
+            .cow(&cow, None)
+            .args(["--backing-check", "size"])
+            .spawn();
+        let mut c = client::connect_one_queue(d.socket());
+        let mem = c.mem;
+        let got = client::read_at(c.q(0), mem, 0, 4096, 512).unwrap();
+        assert!(got == (4096..4096 + 512).map(backing_byte).collect::<Vec<_>>());
+        drop(c);
+        assert_eq!(d.terminate().code(), Some(0));
+    }
+    // Another device at the same path: half the size.
+    drop(dev);
+    let small = dir.path().join("small.img");
+    make_backing(&small, 1 << 19);
+    let Some(dev2) = Loop::attach(&small) else {
+        return;
+    };
+    if std::path::Path::new(&dev2.0)
+        == std::path::Path::new(&v["backing_file"].as_str().unwrap_or(""))
+    {
+        let err = serve_refused(dir.path(), &cow, "size");
+        assert!(err.contains("size"), "{err}");
+        let d = DaemonBuilder::new(dir.path())
+            .name("none")
+            .cow(&cow, None)
+            .args(["--backing-check", "none"])
+            .spawn();
+        assert_eq!(d.terminate().code(), Some(0), "negative control");
+    } else {
+        eprintln!(
+            "skipped the size check: the loop device came back as {}",
+            dev2.0
+        );
+    }
+}

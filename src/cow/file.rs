@@ -105,8 +105,9 @@ pub enum CowFileError {
     #[error(
         "backing file {backing} has mtime {actual} but COW file {cow} recorded mtime {header}: \
          the base was modified (or touched) after the COW was made. Restore the original base \
-         image (or its mtime, `touch -d @{header}` if its contents are unchanged), or recreate \
-         the COW (its contents are lost)"
+         image (or its mtime, `touch -d @{header}` if its contents are unchanged), serve with \
+         `--backing-check size` if the base sits on a mount whose mtime is not the original's \
+         (a network store), or recreate the COW (its contents are lost)"
     )]
     BackingMtime {
         /// The COW file.
@@ -251,13 +252,16 @@ pub fn create_cow(path: &Path, backing: &Path, alignment: u32) -> Result<CowHead
     if !meta.is_file() && !meta.file_type().is_block_device() {
         return Err(bad("not a regular file".into()));
     }
-    if meta.size() == 0 {
+    // A block device's size is its end, not its metadata's (0).
+    let size = File::open(&abs)
+        .and_then(|f| backing_size(&f, &meta))
+        .map_err(|e| bad(format!("{}: {e}", abs.display())))?;
+    if size == 0 {
         return Err(bad("the backing file is empty".into()));
     }
     // UML stores the low 32 bits of st_mtime.
     let mtime = meta.mtime() as u32;
-    let header =
-        CowHeader::new_v3(&abs, mtime, meta.size(), alignment).map_err(|e| bad(e.to_string()))?;
+    let header = CowHeader::new_v3(&abs, mtime, size, alignment).map_err(|e| bad(e.to_string()))?;
     let geometry = header.geometry().map_err(|e| bad(e.to_string()))?;
     let bytes = header.to_v3_bytes().map_err(|e| bad(e.to_string()))?;
     let create = |e: io::Error| CowFileError::Create {
@@ -501,32 +505,50 @@ impl BackingCheck {
     }
 }
 
-/// Compares the backing file with the header (size exact, mtime seconds).
+/// Compares the backing file with the header (size exact, mtime seconds);
+/// a block device's size is not in its metadata and is taken as the
+/// header's (use [`check_backing_with`] with the device open).
 pub fn check_backing(
     cow: &Path,
     backing: &Path,
     header: &CowHeader,
     meta: &std::fs::Metadata,
 ) -> Result<(), CowFileError> {
-    check_backing_with(cow, backing, header, meta, BackingCheck::SizeMtime)
-}
-
-/// Compares the backing file with the header as `check` says.
-pub fn check_backing_with(
-    cow: &Path,
-    backing: &Path,
-    header: &CowHeader,
-    meta: &std::fs::Metadata,
-    check: BackingCheck,
-) -> Result<(), CowFileError> {
-    if check == BackingCheck::None {
-        return Ok(());
-    }
     let size = if meta.file_type().is_block_device() {
         header.size
     } else {
         meta.size()
     };
+    check_backing_with(cow, backing, header, meta, size, BackingCheck::SizeMtime)
+}
+
+/// The size of an open backing file: a block device's from its end (its
+/// metadata says 0), a file's from its metadata.
+pub fn backing_size(file: &File, meta: &std::fs::Metadata) -> io::Result<u64> {
+    if meta.file_type().is_block_device() {
+        use std::io::Seek;
+        // The backing is read with positional reads only: the offset moved
+        // here is never used.
+        (&*file).seek(io::SeekFrom::End(0))
+    } else {
+        Ok(meta.size())
+    }
+}
+
+/// Compares the backing file with the header as `check` says.
+/// Compares the backing file (its metadata, and its size as
+/// [`backing_size`] measured it) with the header as `check` says.
+pub fn check_backing_with(
+    cow: &Path,
+    backing: &Path,
+    header: &CowHeader,
+    meta: &std::fs::Metadata,
+    size: u64,
+    check: BackingCheck,
+) -> Result<(), CowFileError> {
+    if check == BackingCheck::None {
+        return Ok(());
+    }
     if size != header.size {
         return Err(CowFileError::BackingSize {
             cow: cow.to_path_buf(),
@@ -584,7 +606,12 @@ impl CowFile {
                 backing: backing_path.to_path_buf(),
                 source: e,
             })?;
-        check_backing_with(path, backing_path, &header, &bmeta, backing_check)?;
+        let size = backing_size(&f.backing_fd, &bmeta).map_err(|e| CowFileError::OpenBacking {
+            cow: path.to_path_buf(),
+            backing: backing_path.to_path_buf(),
+            source: e,
+        })?;
+        check_backing_with(path, backing_path, &header, &bmeta, size, backing_check)?;
         let len = usize::try_from(geometry.nsect.div_ceil(8))
             .map_err(|_| bitmap_read(path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
         let mem = crate::engine::AtomicBytes::from_memfd(f.bitmap, len)
@@ -654,7 +681,15 @@ impl CowFile {
             ofd_lock(&backing_fd, &backing_path, false, "backing file")?;
         }
         let bmeta = backing_fd.metadata().map_err(backing_err)?;
-        check_backing_with(path, &backing_path, &header, &bmeta, opts.backing_check)?;
+        let size = backing_size(&backing_fd, &bmeta).map_err(backing_err)?;
+        check_backing_with(
+            path,
+            &backing_path,
+            &header,
+            &bmeta,
+            size,
+            opts.backing_check,
+        )?;
 
         let (data_fd, direct) =
             open_maybe_direct(path, !opts.readonly, opts.direct).map_err(open_err)?;

@@ -53,15 +53,19 @@ impl BackingWatch {
         let f = &shared.file;
         let problem = match f.backing_fd.metadata() {
             Err(e) => Some(format!("cannot stat it: {e}")),
-            Ok(m) => crate::cow::file::check_backing_with(
-                &f.path,
-                &f.backing_path,
-                &f.header,
-                &m,
-                f.backing_check,
-            )
-            .err()
-            .map(|e| e.to_string()),
+            Ok(m) => match crate::cow::file::backing_size(&f.backing_fd, &m) {
+                Err(e) => Some(format!("cannot measure it: {e}")),
+                Ok(size) => crate::cow::file::check_backing_with(
+                    &f.path,
+                    &f.backing_path,
+                    &f.header,
+                    &m,
+                    size,
+                    f.backing_check,
+                )
+                .err()
+                .map(|e| e.to_string()),
+            },
         };
         if let Some(p) = problem {
             shared.backing_changed.store(true, Ordering::Release);
