@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover bench-migration bench-network-base crash-sweep handover-long fuzz clean
+.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover bench-migration bench-network-base bench-density crash-sweep handover-long fuzz clean
 
 all: build
 
@@ -93,6 +93,13 @@ bench-migration: deps images release
 bench-network-base: deps
 	$(CARGO) build --release --workspace
 	python3 bench/network_base.py
+
+# Density (bench/density.py): BENCH_DAEMONS (1000) daemons, each serving
+# its own COW over one shared base, BENCH_GUESTS (8) of them a booted guest
+# in turn: RSS, PSS, descriptors, threads, start-up; host MemAvailable.
+# Writes bench/work/density.md (BENCH_OUT).
+bench-density: deps images release
+	python3 bench/density.py
 
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:
