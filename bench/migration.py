@@ -3,22 +3,22 @@
 """`make bench-migration`: live migration of a booted guest, its disk
 handed from backend to backend, downtime and total time.
 
-The guest of tests/boot_migration.rs (its GUEST_SCRIPT, read from that
-file): QEMU 10 TCG, 2 vCPUs, 512 MiB of memfd shared RAM, a
-vhost-user-blk-pci disk with 2 queues (`reconnect-ms=10`), rounds of fio
-random 4 KiB writes at depth 32, O_DIRECT, crc32c verify over the first
-32 MiB, sampled blocks checked. The QEMU command line is the test's (no
-run-vm.sh: it has no -incoming and no QMP). Meanwhile the host migrates the
-VM BENCH_MIGRATIONS times (default 5), each to a new QEMU (`-incoming
-unix:...`) on a new backend, BENCH_GAP seconds (default 1.5) of guest I/O
-on each destination first; QMP `migrate-set-parameters max-bandwidth`
-BENCH_BANDWIDTH_MIB MiB/s (default 1024), QEMU's default downtime limit
-(300 ms), `migrate`, `query-migrate` polled until `completed`, `quit` to
-the source. The last destination gets the fw_cfg stop flag: the guest's
-round that starts there is its last. Afterwards the guest's result (every
-round verified, no I/O error), the disk's content (the last round's data,
-host fio --verify_only on the merged image) and the base (sha256) are
-checked.
+The guest of tests/boot_migration.rs (its guest script,
+vm-images/guest/tests/fio-loop.sh, passed as the fw_cfg script): QEMU 10
+TCG, 2 vCPUs, 512 MiB of memfd shared RAM, a vhost-user-blk-pci disk with 2
+queues (`reconnect-ms=10`), rounds of fio random 4 KiB writes at depth 32,
+O_DIRECT, crc32c verify over the first 32 MiB, sampled blocks checked. The
+QEMU command line is the test's (no run-vm.sh: it has no -incoming and no
+QMP). Meanwhile the host migrates the VM BENCH_MIGRATIONS times (default
+5), each to a new QEMU (`-incoming unix:...`) on a new backend, BENCH_GAP
+seconds (default 1.5) of guest I/O on each destination first; QMP
+`migrate-set-parameters max-bandwidth` BENCH_BANDWIDTH_MIB MiB/s (default
+1024), QEMU's default downtime limit (300 ms), `migrate`, `query-migrate`
+polled until `completed`, `quit` to the source. The last destination gets
+the fw_cfg stop flag: the guest's round that starts there is its last.
+Afterwards the guest's result (every round verified, no I/O error), the
+disk's content (the last round's data, host fio --verify_only on the merged
+image) and the base (sha256) are checked.
 
 Systems (BENCH_SYSTEMS, comma-separated; default both):
   ours       vhost-user-ubd (UML COW over the base): the first instance
@@ -80,6 +80,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UBD = os.environ.get("BENCH_UBD", os.path.join(ROOT, "target/release/vhost-user-ubd"))
 VM = os.path.join(ROOT, "vm-images")
 HOST_FIO = os.path.join(VM, "cache/fio/fio")
+GUEST_SCRIPT = os.path.join(VM, "guest/tests/fio-loop.sh")
 MIGRATIONS = int(os.environ.get("BENCH_MIGRATIONS", "5"))
 GAP = float(os.environ.get("BENCH_GAP", "1.5"))
 BANDWIDTH_MIB = int(os.environ.get("BENCH_BANDWIDTH_MIB", "1024"))
@@ -116,12 +117,10 @@ def tail(path, n=30):
 
 
 def guest_script():
-    """GUEST_SCRIPT of tests/boot_migration.rs: the bench runs the test's guest."""
-    src = read(os.path.join(ROOT, "tests/boot_migration.rs"))
-    m = re.search(r'const GUEST_SCRIPT: &str = r#"(.*?)"#;', src, re.S)
-    if not m:
-        sys.exit("no GUEST_SCRIPT in tests/boot_migration.rs")
-    return m.group(1)
+    """The guest's fio loop, the one tests/boot_migration.rs runs too."""
+    if not os.path.isfile(GUEST_SCRIPT):
+        sys.exit(f"no {GUEST_SCRIPT}")
+    return GUEST_SCRIPT
 
 
 def images():
@@ -536,9 +535,7 @@ def run_system(cls, kernel, initrd):
     base = os.path.join(d, "base.raw")
     subprocess.run([os.path.join(VM, "make-base.sh"), base, str(BASE_SIZE)], check=True, stdout=subprocess.DEVNULL)
     base_sha = sha256(base)
-    script = os.path.join(d, TEST + ".sh")
-    with open(script, "w") as f:
-        f.write(guest_script())
+    script = guest_script()
     serial = os.path.join(d, TEST + ".serial")
     seed = int(time.time()) % 1000000
     be = cls(d, base)

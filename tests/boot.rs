@@ -7,7 +7,8 @@
 //! initramfs, cached), `make-base.sh` (the base image), `run-vm.sh` (one boot,
 //! judged by the guest's `VUB:` lines), through the kit in
 //! `tests/common/boot.rs` ([`kit::Scenario`]; shared with
-//! `tests/boot_handover.rs`). The scenarios:
+//! `tests/boot_handover.rs`, `tests/boot_migration.rs` and
+//! `tests/libvirt.rs`). The scenarios:
 //!
 //! * `rw_then_verify_across_sigterm_restart`: boot `rw`, stop the daemon with
 //!   SIGTERM (exit 0), restart it on the same COW, boot `verify`; then
@@ -53,7 +54,7 @@ use std::{
 
 use common::{daemon::Daemon, BINARY};
 use kit::{
-    md5_of, pattern, secs, sigkill, sigterm, tail, wait_timeout, which, Boot, Scenario, Vm,
+    pattern, secs, sigkill, sigterm, tail, wait_timeout, which, Boot, RwMd5, Scenario, Vm,
     BASE_SIZE, MIB,
 };
 
@@ -66,15 +67,7 @@ const RECONNECT_KILL_AFTER: u64 = 5;
 fn rw_then_verify_across_sigterm_restart() {
     let mut sc = Scenario::new("rw");
     let daemon = sc.start_daemon(1);
-    let rw = sc.boot(&daemon, "rw", 1);
-    assert!(rw.has("VUB: rw-ok"), "{}", rw.out);
-    let f = rw.fields("VUB: rw-md5 ");
-    let num = |k: &str| -> u64 {
-        f.get(k)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("rw-md5 line without a numeric {k}: {f:?}"))
-    };
-    assert_eq!(num("size_bytes"), BASE_SIZE, "guest disk size");
+    let rw = RwMd5::of(&sc.boot(&daemon, "rw", 1), BASE_SIZE);
     let d = sigterm(daemon);
     sc.note(&format!("daemon stopped with SIGTERM in {}", secs(d)));
     sc.step("SIGTERM", d);
@@ -87,47 +80,19 @@ fn rw_then_verify_across_sigterm_restart() {
     sc.check_cow(5 * MIB / 512);
 
     // The merged image holds the host pattern and exactly the guest's writes,
-    // at the offsets and with the md5s the guest printed.
-    let merged = sc.merged();
-    let ranges = [
-        ("host", 0, MIB, "HOSTPATTERN".to_owned()),
-        (
-            "guest",
-            num("guest_offset"),
-            num("guest_len"),
-            format!("GUESTPATTERN-{}", sc.seed),
-        ),
-        (
-            "tail",
-            num("tail_offset"),
-            num("tail_len"),
-            format!("GUESTTAIL-{}", sc.seed),
-        ),
-    ];
+    // at the offsets (the layout rw.sh documents) and with the md5s the
+    // guest printed.
     assert_eq!(
-        (ranges[1].1, ranges[1].2, ranges[2].2),
+        (
+            rw.num("guest_offset"),
+            rw.num("guest_len"),
+            rw.num("tail_len")
+        ),
         (MIB, 4 * MIB, MIB),
         "rw layout"
     );
-    assert_eq!(ranges[2].1, BASE_SIZE - MIB, "tail offset");
-    let mut writes = Vec::new();
-    for (name, off, len, word) in ranges {
-        let got = &merged[off as usize..(off + len) as usize];
-        let got_md5 = md5_of(got);
-        assert_eq!(
-            Some(&got_md5),
-            f.get(name),
-            "{name} range (offset {off}, {len} bytes) of the merged image: md5 differs from \
-             the guest's"
-        );
-        let want = pattern(&word, len);
-        assert!(got == want.as_slice(), "{name} range is not `yes {word}`");
-        sc.note(&format!(
-            "merged image: {name} range at {off} (+{len}) md5 {got_md5} matches the guest"
-        ));
-        writes.push((off, want));
-    }
-    sc.check_merged(&merged, &writes[1..]);
+    assert_eq!(rw.num("tail_offset"), BASE_SIZE - MIB, "tail offset");
+    sc.check_rw_image(&rw);
     sc.note("merged image == base + guest writes, byte for byte");
     sc.finish();
 }
@@ -289,34 +254,8 @@ fn reconnect_after_sigkill() {
         wall: t.elapsed(),
     };
     sc.check_boot(&boot, "reconnect", Some(&daemon));
-    let ok: Vec<u64> = boot
-        .vub_lines()
-        .filter_map(|l| l.strip_prefix("VUB: iter "))
-        .filter(|l| l.split_whitespace().nth(1) == Some("ok"))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
-    assert_eq!(
-        ok,
-        (0..RECONNECT_ITERS).collect::<Vec<_>>(),
-        "not every iteration passed:\n{}",
-        boot.out
-    );
-    let done = format!("VUB: reconnect-done iters={RECONNECT_ITERS} bad=0");
-    assert!(boot.has(&done), "no `{done}`:\n{}", boot.out);
-    let bad: Vec<&str> = boot
-        .vub_lines()
-        .filter(|l| {
-            l.contains("dmesg-error")
-                || l.contains("MISMATCH")
-                || l.contains("failed")
-                || l.contains("error")
-        })
-        .collect();
-    assert!(bad.is_empty(), "errors in the guest: {bad:#?}");
-    let max_dt = boot
-        .vub_lines()
-        .filter_map(|l| l.split("dt=").nth(1)?.parse::<f64>().ok())
-        .fold(0.0, f64::max);
+    let max_dt = boot.check_reconnect(RECONNECT_ITERS);
+    boot.assert_no_errors();
     sc.note(&format!(
         "{RECONNECT_ITERS}/{RECONNECT_ITERS} iterations ok, longest iteration {max_dt:.2}s"
     ));

@@ -8,22 +8,23 @@
 //! `run-vm.sh` has no `-incoming` and no QMP, so this file builds the QEMU
 //! command line itself: the same machine and device as `run-vm.sh` (q35,
 //! TCG, `memory-backend-memfd,share=on`, `vhost-user-blk-pci` with
-//! `num-queues=2`, `reconnect-ms=10`, the guest script as the fw_cfg blob
-//! `opt/vub/script`), plus `-qmp unix:qmp-K.sock,server=on,wait=off`, the
-//! console appended to one file by every QEMU of the test
-//! (`-chardev file,...,append=on`), a one-byte fw_cfg blob `opt/vub/stop`
-//! (`1` on the last destination, `0` elsewhere: the guest makes the round
-//! it starts there its last, so the loop ends soon after the last
-//! migration without a fixed length) and, for a destination,
-//! `-incoming unix:mig-K.sock`. QMP is spoken with a small JSON client
-//! ([`Qmp`]).
+//! `num-queues=2`, `reconnect-ms=10`, the guest script `fio-loop.sh` as
+//! the fw_cfg blob `opt/vub/script`), plus `-qmp
+//! unix:qmp-K.sock,server=on,wait=off`, the console appended to one file
+//! by every QEMU of the test (`-chardev file,...,append=on`), a one-byte
+//! fw_cfg blob `opt/vub/stop` (`1` on the last destination, `0`
+//! elsewhere: the guest makes the round it starts there its last, so the
+//! loop ends soon after the last migration without a fixed length) and,
+//! for a destination, `-incoming unix:mig-K.sock`. QMP is spoken with a
+//! small JSON client ([`Qmp`]).
 //!
 //! * `a_vm_migrates_5_times_between_two_daemons_under_a_guest_write_verify_loop`:
 //!   the source QEMU on daemon A (`serve --socket vub.sock --control
 //!   vub.ctl`), the guest running rounds of fio (random 4 KiB writes at
 //!   depth 32, O_DIRECT, over the first 32 MiB, crc32c verify, sampled
-//!   blocks checked against the round's pattern: `GUEST_SCRIPT`, the loop
-//!   of `tests/boot_handover.rs`). Then `MIGRATION_ROUNDS` (default 5)
+//!   blocks checked against the round's pattern:
+//!   `vm-images/guest/tests/fio-loop.sh`, the loop of
+//!   `tests/boot_handover.rs`). Then `MIGRATION_ROUNDS` (default 5)
 //!   migrations, each to a new daemon and a new QEMU: `serve --takeover
 //!   <ctl of the daemon serving now> --socket vub-K.sock --control
 //!   vub-K.ctl`, a destination QEMU with `-incoming` on vub-K.sock, QMP
@@ -74,9 +75,12 @@ use std::{
 
 use common::{
     daemon::{die_with_parent, listening, Daemon, DaemonBuilder},
-    BINARY,
+    handover::{self, status, LIVE},
 };
-use kit::{images, send_signal, sigterm, tail, wait_timeout, Boot, Scenario, MIB};
+use kit::{
+    env_u64, fio_loop_script, images, ms, rounds_ok, send_signal, tail, wait_timeout, Boot,
+    Scenario, MIB,
+};
 use serde_json::{json, Value};
 
 /// Migrations by default (`MIGRATION_ROUNDS` overrides).
@@ -110,124 +114,6 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a daemon may take to complete a guest request once it serves.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The guest's write/verify loop (the loop of `tests/boot_handover.rs`),
-/// passed as the fw_cfg script. `bench/migration.py` reads it from here.
-const GUEST_SCRIPT: &str = r#"#!/bin/sh
-# migration-loop (tests/boot_migration.rs, passed as an fw_cfg script;
-# bench/migration.py runs it too): rounds of fio random 4 KiB writes at
-# queue depth DEPTH with O_DIRECT (libaio) and crc32c verify over the first
-# SIZE bytes of the disk; the host migrates the VM meanwhile. The round
-# that starts while the fw_cfg blob opt/vub/stop reads 1 (the host gives
-# the last destination QEMU `-fw_cfg name=opt/vub/stop,string=1`, the
-# others 0) is the last one; at most LOOP_SECS after the loop started, the
-# loop ends anyway (why=time).
-# Round r uses seed SEED+r and the pattern FIOPATTERN-<SEED+r>: a block an
-# earlier round wrote fails fio's numberio check (other seed, other order)
-# and the sampled pattern check after fio's verify (page cache dropped).
-# usage: vub.seed=S vub.loop_secs=N [vub.fio_size=32M] [vub.fio_depth=32]
-#        [vub.fio_samples=16]
-# Prints
-#   VUB: loop-start size= depth= seed= secs= uptime=
-#   VUB: round R ok seed= secs= uptime=            (one per round)
-#   VUB: round R fio-verify MISMATCH ... / fio-io error ... / fio failed ...
-#   VUB: dmesg-error LINE
-#   VUB: loop-done rounds=N last_seed=S bad=B why=stop|time|bad uptime=
-set -eu
-. /lib/vub/testlib.sh
-FIO=/usr/bin/fio
-SIZE=${VUB_FIO_SIZE:-32M}
-DEPTH=${VUB_FIO_DEPTH:-32}
-SEED=${VUB_SEED:-1}
-SECS=${VUB_LOOP_SECS:-20}
-SAMPLES=${VUB_FIO_SAMPLES:-16}
-BS=4096
-HDR=44   # fio's verify header (40 bytes) + crc32c (4)
-STOP=/sys/firmware/qemu_fw_cfg/by_name/opt/vub/stop/raw
-[ -x "$FIO" ] || fail "no $FIO in the initramfs (vm-images/images.sh builds it)"
-case "$SIZE" in *M) ;; *) fail "vub.fio_size=$SIZE: expected NM" ;; esac
-SIZE_BYTES=$(( ${SIZE%M} * MiB ))
-nblk=$((SIZE_BYTES / BS))
-end=$(awk -v a="$(up)" -v s="$SECS" 'BEGIN{printf "%.2f", a + s}')
-echo "VUB: loop-start size=$SIZE depth=$DEPTH seed=$SEED secs=$SECS uptime=$(up)"
-r=0; bad=0; last=none; why=bad
-while :; do
-  final=0
-  if [ -r "$STOP" ] && [ "$(cat "$STOP")" = 1 ]; then final=1; fi
-  s=$((SEED + r))
-  word=FIOPATTERN-$s
-  hex=0x$(printf '%s\n' "$word" | od -An -tx1 | tr -d ' \n')
-  t0=$(up)
-  if "$FIO" --name=v --filename="$DEV" --rw=randwrite --bs=4k --iodepth="$DEPTH" \
-      --ioengine=libaio --direct=1 --size="$SIZE" --verify=crc32c --verify_pattern="$hex" \
-      --verify_fatal=1 --do_verify=1 --randrepeat=1 --randseed="$s" --verify_state_save=0 \
-      --eta=never > /tmp/fio.out 2>&1; then rc=0; else rc=$?; fi
-  if [ $rc != 0 ]; then
-    bad=1
-    vline=$(grep -m1 -E 'verify(:| failed)|bad (magic|header|pattern)|got pattern' /tmp/fio.out || true)
-    eline=$(grep -m1 -E 'io_u error|err= *[1-9]|fio: ' /tmp/fio.out || true)
-    if [ -n "$vline" ]; then
-      echo "VUB: round $r fio-verify MISMATCH $vline"
-    elif [ -n "$eline" ]; then
-      echo "VUB: round $r fio-io error rc=$rc $eline"
-    else
-      echo "VUB: round $r fio failed rc=$rc: $(grep -v '^ *$' /tmp/fio.out | tail -n 3 | tr '\n' ' ')"
-    fi
-    sed 's/^/fio: /' /tmp/fio.out | tail -n 40
-    break
-  fi
-  pat "$word" $BS | tail -c +$((HDR + 1)) > /tmp/want
-  drop_caches
-  i=0
-  while [ $i -le "$SAMPLES" ]; do
-    b=$((i * nblk / SAMPLES))
-    [ $i = "$SAMPLES" ] && b=$((nblk - 1))
-    if ! dd if="$DEV" bs=$BS skip=$((b * BS + HDR)) count=$((BS - HDR)) \
-        iflag=skip_bytes,count_bytes 2>/tmp/dd.err > /tmp/got; then
-      echo "VUB: round $r read of block $b failed: $(cat /tmp/dd.err)"; bad=1; break
-    fi
-    if ! cmp -s /tmp/got /tmp/want; then
-      echo "VUB: round $r fio-verify MISMATCH pattern at offset $((b * BS)): not $word after fio's header: $(head -c 24 /tmp/got | od -An -c | tr -s ' \n' '  ')"
-      bad=1; break
-    fi
-    i=$((i + 1))
-  done
-  [ $bad = 0 ] || break
-  t1=$(up)
-  echo "VUB: round $r ok seed=$s secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b - a}') final=$final uptime=$t1"
-  last=$s
-  r=$((r + 1))
-  if [ $final = 1 ]; then why=stop; break; fi
-  if awk -v a="$t1" -v b="$end" 'BEGIN{exit !(a >= b)}'; then why=time; break; fi
-done
-dmesg | grep -iE 'I/O error|Buffer I/O|blk_update_request|(vda|virtio_blk|virtio).*(error|fail|timeout|abort)' > /tmp/dmesg.err || true
-while read -r l; do echo "VUB: dmesg-error $l"; bad=1; done < /tmp/dmesg.err
-echo "VUB: loop-done rounds=$r last_seed=$last bad=$bad why=$why uptime=$(up)"
-[ $bad = 0 ]
-"#;
-
-/// A whole number from the environment, or `default`.
-fn env_u64(key: &str, default: u64) -> u64 {
-    match std::env::var(key) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{key}={v}: expected a whole number")),
-        Err(_) => default,
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1e3)
-}
-
-/// Rounds the guest's console has reported as verified so far.
-fn rounds_ok(serial: &str) -> usize {
-    serial
-        .lines()
-        .filter(|l| l.starts_with("VUB: round ") && l.contains(" ok seed="))
-        .count()
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -255,24 +141,6 @@ fn switch_over_time(log: &str) -> Option<Duration> {
         .find_map(|l| l.split_once("(switch-over of a live migration in "))?
         .1;
     parse_debug_duration(rest.trim_end().trim_end_matches(')'))
-}
-
-/// `vhost-user-ubd status --json` of the daemon behind `ctl`.
-fn status(ctl: &Path) -> Value {
-    let out = Command::new(BINARY)
-        .args(["status", "--json", "--control"])
-        .arg(ctl)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vhost-user-ubd status");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "status --control {}: {said}{}",
-        ctl.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&said).unwrap_or_else(|e| panic!("status --json: {e}: {said}"))
 }
 
 /// Guest requests the daemon behind `ctl` has completed.
@@ -572,35 +440,12 @@ struct Served {
 fn start_destination(sc: &Scenario, from: &Path, k: usize) -> Served {
     let sock = sc.path.join(format!("vub-{k}.sock"));
     let ctl = sc.path.join(format!("vub-{k}.ctl"));
-    let daemon = DaemonBuilder::new(&sc.path)
+    let b = DaemonBuilder::new(&sc.path)
         .name(&format!("vub-{k}"))
-        .takeover(from, &sock)
-        .args([
-            "--socket".as_ref(),
-            sock.as_os_str(),
-            "--control".as_ref(),
-            ctl.as_os_str(),
-        ])
         .default_rust_log("debug")
         .no_deadline()
-        .die_with_parent()
-        .spawn();
-    let t = Instant::now();
-    while !listening(&sock) {
-        if let Some(st) = daemon.try_status() {
-            panic!(
-                "destination daemon {k} exited ({st}) before it listened\n{}",
-                tail(daemon.log_path(), 40)
-            );
-        }
-        assert!(
-            t.elapsed() < LISTEN_TIMEOUT,
-            "destination daemon {k} not listening on {} after {LISTEN_TIMEOUT:?}\n{}",
-            sock.display(),
-            tail(daemon.log_path(), 40)
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+        .die_with_parent();
+    let daemon = handover::start_destination(b, from, &sock, &ctl, LISTEN_TIMEOUT, &String::new);
     Served { daemon, ctl }
 }
 
@@ -716,7 +561,7 @@ fn migrate(
     );
     // the new daemon took the disk over; the old one exits 0
     loop {
-        if new.daemon.log().contains("handover: live") {
+        if new.daemon.log().contains(LIVE) {
             break;
         }
         if let Some(st) = new.daemon.try_status() {
@@ -808,74 +653,32 @@ fn finish(
         tail(&serial, 60),
         tail(served.daemon.log_path(), 40)
     );
-    let bad: Vec<&str> = boot
-        .vub_lines()
-        .filter(|l| {
-            l.contains("dmesg-error")
-                || l.contains("MISMATCH")
-                || l.contains("failed")
-                || l.contains("error")
-        })
-        .collect();
-    assert!(bad.is_empty(), "errors in the guest: {bad:#?}");
-    let done = boot.fields("VUB: loop-done ");
-    assert_eq!(done.get("bad").map(String::as_str), Some("0"), "{done:?}");
+    let done = boot.check_fio_loop(rounds_before, "migration step");
     assert_eq!(
-        done.get("why").map(String::as_str),
+        done.done.get("why").map(String::as_str),
         Some(why),
         "how the guest's loop ended (stop: the last destination's stop flag; time: its time \
-         limit, MIGRATION_LOOP_SECS in the first test): {done:?}"
+         limit, MIGRATION_LOOP_SECS in the first test): {:?}",
+        done.done
     );
-    let verified: usize = done
-        .get("rounds")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("loop-done without rounds: {done:?}"));
-    assert_eq!(
-        verified,
-        rounds_ok(&boot.serial),
-        "rounds reported against `round R ok` lines\n{}",
-        boot.serial
-    );
-    assert!(
-        verified > rounds_before,
-        "no guest round completed after the last migration step ({verified} rounds, all before it)"
-    );
-    let last_seed = done
-        .get("last_seed")
-        .cloned()
-        .unwrap_or_else(|| panic!("loop-done without last_seed: {done:?}"));
     sc.note(&format!(
-        "guest passed: {verified} rounds written and verified, {} of them after the last \
+        "guest passed: {} rounds written and verified, {} of them after the last \
          migration step",
-        verified - rounds_before
+        done.rounds,
+        done.rounds - rounds_before
     ));
-    sc.step("SIGTERM", sigterm(served.daemon));
-    sc.check_base_unchanged();
-    sc.check_cow(FIO_SIZE / 512);
-    let merged_path = sc.merge();
-    sc.check_fio_image(&merged_path, FIO_SIZE, &last_seed);
-    let merged = std::fs::read(&merged_path).unwrap();
-    let base = std::fs::read(&sc.base).unwrap();
-    assert!(
-        merged[FIO_SIZE as usize..] == base[FIO_SIZE as usize..],
-        "the merged image differs from the base after the guest's {} MiB",
-        FIO_SIZE / MIB
-    );
-    sc.note(&format!(
-        "uml_moo of the COW == the guest's last round (seed {last_seed}) + the base"
-    ));
+    sc.stop_and_check_fio_loop(served.daemon, FIO_SIZE, &done.last_seed);
     sc.finish();
 }
 
-/// Scenario, daemon A (`--control vub.ctl`) and the guest script.
+/// Scenario, daemon A (`--control vub.ctl`) and the guest script
+/// (`vm-images/guest/tests/fio-loop.sh`).
 fn setup(name: &'static str) -> (Scenario, Served, PathBuf) {
     let mut sc = Scenario::new(name);
     let ctl = sc.path.join("vub.ctl");
     sc.serve_args = vec!["--control".into(), ctl.display().to_string()];
     let daemon = sc.start_daemon(QUEUES);
-    let script = sc.path.join(format!("{TEST}.sh"));
-    std::fs::write(&script, GUEST_SCRIPT).unwrap();
-    (sc, Served { daemon, ctl }, script)
+    (sc, Served { daemon, ctl }, fio_loop_script())
 }
 
 fn guest_append(loop_secs: u64) -> String {

@@ -44,16 +44,14 @@ use common::*;
 use common::{
     client::{self, Client, ReqFlags},
     daemon::{listening, Daemon, DaemonBuilder},
+    handover::{handover_of, paused_at, status, wait_until, ABORTED, LIVE, PAUSE},
 };
-use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 /// Size of every disk here.
 const DISK: u64 = 4 * MIB;
 /// Its sectors.
 const NSECT: u64 = DISK / SECTOR as u64;
-/// The pause hook of the handover steps.
-const PAUSE: &str = "VHOST_USER_UBD_TEST_HANDOVER_PAUSE";
 /// The hook that passes the files without waiting for requests in flight.
 const NO_DRAIN: &str = "VHOST_USER_UBD_TEST_HANDOVER_NO_DRAIN";
 /// The hook that holds writes before they reach the kernel.
@@ -62,28 +60,6 @@ const HOLD: &str = "VHOST_USER_UBD_TEST_HOLD_WRITES";
 const SOON: Duration = Duration::from_secs(20);
 /// How long the kill -9 cases pause at their step.
 const KILL_PAUSE_MS: u64 = 1500;
-/// The log line of a process paused at `step`.
-fn paused_at(step: &str) -> String {
-    format!("handover: test pause at {step}")
-}
-/// Polls `cond` every 20 ms until it holds (true) or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A source's log line when it gives a handover up.
-const ABORTED: &str = "handover aborted";
-/// B's log line once it serves the socket.
-const LIVE: &str = "handover: live";
 
 // ---------------------------------------------------------------- model --
 
@@ -356,57 +332,24 @@ impl Files {
 
     /// The COW's base is byte for byte what it was, mtime included.
     fn assert_base_unchanged(&self) {
-        if self.cow.is_none() {
-            return;
+        if self.cow.is_some() {
+            handover::assert_base_unchanged(&self.base, &self.base_before);
         }
-        let now = std::fs::read(&self.base).unwrap();
-        assert!(now == self.base_before, "the base image changed");
-        let mtime = std::fs::metadata(&self.base)
-            .unwrap()
-            .modified()
-            .unwrap()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        assert_eq!(mtime, BACKING_MTIME, "the base image's mtime changed");
     }
 
     /// `vhost-user-ubd check` of the COW: (usable, its output).
     fn check(&self) -> (bool, String) {
-        let out = Command::new(BINARY)
-            .arg("check")
-            .arg("--crash-journal")
-            .arg(self.dir().join("journal"))
-            .arg(self.cow_path())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        outcome(
+            Command::new(BINARY)
+                .arg("check")
+                .arg("--crash-journal")
+                .arg(self.dir().join("journal"))
+                .arg(self.cow_path()),
         )
     }
 }
 
 // --------------------------------------------------------------- control --
-
-/// `status --json` on `control`, which must succeed.
-fn status(control: &Path) -> Value {
-    let (ok, out) = control_cli(&["status", "--json"], control);
-    assert!(ok, "status on {}: {out}", control.display());
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON ({e}): {out}"))
-}
-
-/// The `handover` object of `status --json` on `control`.
-fn handover_of(control: &Path) -> Value {
-    let v = status(control);
-    let h = v["handover"].clone();
-    assert!(h.is_object(), "status has no handover object: {v}");
-    h
-}
 
 /// Every command on `control` (a retired A's) fails, naming B's pid.
 fn assert_handed_over(control: &Path, b: &Daemon, what: &str) {

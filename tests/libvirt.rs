@@ -59,7 +59,7 @@ use std::{
 
 use common::daemon::{die_with_parent, listening, Daemon, DaemonBuilder};
 use kit::{
-    md5_of, note, pattern, secs, send_signal, sigterm, tail, wait_timeout, which, Boot, Scenario,
+    note, pattern, secs, send_signal, sigterm, tail, wait_timeout, which, Boot, RwMd5, Scenario,
     BASE_SIZE, BOOT_TIMEOUT_S, MIB,
 };
 
@@ -904,15 +904,7 @@ fn a_libvirt_domain_boots_the_guest_from_the_daemons_socket() {
     let lv = Session::start(tools, "vub-lv-rw");
     define_readme_domain(&lv);
     let daemon = start_daemon(&mut sc, &lv);
-    let rw = lv.boot(&mut sc, &daemon, "rw", "");
-    assert!(rw.has("VUB: rw-ok"), "{}", rw.out);
-    let f = rw.fields("VUB: rw-md5 ");
-    let num = |k: &str| -> u64 {
-        f.get(k)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("rw-md5 line without a numeric {k}: {f:?}"))
-    };
-    assert_eq!(num("size_bytes"), BASE_SIZE, "guest disk size");
+    let rw = RwMd5::of(&lv.boot(&mut sc, &daemon, "rw", ""), BASE_SIZE);
     let d = sigterm(daemon);
     sc.note(&format!(
         "daemon stopped with SIGTERM (exit 0) in {}",
@@ -929,36 +921,7 @@ fn a_libvirt_domain_boots_the_guest_from_the_daemons_socket() {
 
     // As in tests/boot.rs: the merged image holds the host pattern and
     // exactly the guest's writes, with the md5s the guest printed.
-    let merged = sc.merged();
-    let ranges = [
-        ("host", 0, MIB, "HOSTPATTERN".to_owned()),
-        (
-            "guest",
-            num("guest_offset"),
-            num("guest_len"),
-            format!("GUESTPATTERN-{}", sc.seed),
-        ),
-        (
-            "tail",
-            num("tail_offset"),
-            num("tail_len"),
-            format!("GUESTTAIL-{}", sc.seed),
-        ),
-    ];
-    let mut writes = Vec::new();
-    for (name, off, len, word) in ranges {
-        let got = &merged[off as usize..(off + len) as usize];
-        assert_eq!(
-            Some(&md5_of(got)),
-            f.get(name),
-            "{name} range (offset {off}, {len} bytes) of the merged image: md5 differs from \
-             the guest's"
-        );
-        let want = pattern(&word, len);
-        assert!(got == want.as_slice(), "{name} range is not `yes {word}`");
-        writes.push((off, want));
-    }
-    sc.check_merged(&merged, &writes[1..]);
+    sc.check_rw_image(&rw);
     sc.note("uml_moo of the COW == base + the guest's writes (md5s as the guest printed)");
     drop(lv);
     sc.finish();
@@ -1043,24 +1006,7 @@ fn a_libvirt_guest_keeps_its_disk_across_a_live_upgrade() {
         LvBoot::QemuAborted => panic!("QEMU aborted during the reconnect loop\n{}", lv.logs()),
     };
     sc.check_boot(&boot, "reconnect", Some(&new));
-    let ok: Vec<u64> = boot
-        .vub_lines()
-        .filter_map(|l| l.strip_prefix("VUB: iter "))
-        .filter(|l| l.split_whitespace().nth(1) == Some("ok"))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
-    assert_eq!(
-        ok,
-        (0..UPGRADE_ITERS).collect::<Vec<_>>(),
-        "not every iteration passed:\n{}",
-        boot.out
-    );
-    let done = format!("VUB: reconnect-done iters={UPGRADE_ITERS} bad=0");
-    assert!(boot.has(&done), "no `{done}`:\n{}", boot.out);
-    let max_dt = boot
-        .vub_lines()
-        .filter_map(|l| l.split("dt=").nth(1)?.parse::<f64>().ok())
-        .fold(0.0, f64::max);
+    let max_dt = boot.check_reconnect(UPGRADE_ITERS);
     sc.note(&format!(
         "{UPGRADE_ITERS}/{UPGRADE_ITERS} iterations ok across the handover; longest \
          iteration {max_dt:.2}s (libvirt's reconnect timeout is whole seconds)"

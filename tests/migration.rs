@@ -38,12 +38,12 @@ use std::{
 };
 
 use common::{
-    client, control_cli,
-    daemon::{listening, Daemon, DaemonBuilder},
+    client,
+    daemon::{Daemon, DaemonBuilder},
     frontend::{self, initial, Desc, GuestMem, MemPath, Ring, Used},
-    make_backing, stamp_of, stamps, uml_moo, BACKING_MTIME, SECTOR,
+    handover::{self, handover_of, paused_at, wait_until, ABORTED, LIVE, PAUSE},
+    make_backing, stamp_of, stamps, uml_moo, SECTOR,
 };
-use serde_json::Value;
 use vhost::{
     vhost_user::{
         message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures},
@@ -69,31 +69,11 @@ const QSIZE: u16 = 64;
 /// frontend module's 1 MiB raw disk).
 const DISK: u64 = 1 << 20;
 const NSECT: u64 = DISK / SECTOR as u64;
-/// The pause hook of the handover steps.
-const PAUSE: &str = "VHOST_USER_UBD_TEST_HANDOVER_PAUSE";
 /// How long a request, a switch-over, a refusal or an exit may take.
 const SOON: Duration = Duration::from_secs(20);
 /// Lifetime of every daemon here (a hung one is killed, so a frontend
 /// blocked on it fails instead of hanging the test).
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn paused_at(step: &str) -> String {
-    format!("handover: test pause at {step}")
-}
-
-/// Polls `cond` every 20 ms until it holds (true) or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 // ------------------------------------------------------------ dirty log --
 
@@ -770,25 +750,8 @@ impl Setup {
     fn destination(&self, name: &str, a: &Daemon) -> (Daemon, PathBuf, PathBuf) {
         let sock = self.dir().join(format!("{name}.sock"));
         let ctl = self.dir().join(format!("{name}.ctl"));
-        let d = DaemonBuilder::new(self.dir())
-            .name(name)
-            .takeover(&self.a_ctl, &sock)
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--control")
-            .arg(&ctl)
-            .deadline(DEADLINE)
-            .spawn();
-        assert!(
-            wait_until(SOON, || listening(&sock) || !d.is_running()),
-            "{name} does not listen on {} after {SOON:?}",
-            sock.display()
-        );
-        assert!(
-            d.is_running() && listening(&sock),
-            "{name} exited before it listened\n{}",
-            logs(&[&d, a])
-        );
+        let b = DaemonBuilder::new(self.dir()).name(name).deadline(DEADLINE);
+        let d = handover::start_destination(b, &self.a_ctl, &sock, &ctl, SOON, &|| logs(&[a]));
         (d, sock, ctl)
     }
 
@@ -811,15 +774,7 @@ impl Setup {
 
     /// The base is byte for byte what it was, mtime included.
     fn assert_base_unchanged(&self) {
-        let now = std::fs::read(&self.base).expect("read the base");
-        assert!(now == self.base_before, "the base image changed");
-        let mtime = std::fs::metadata(&self.base)
-            .and_then(|m| m.modified())
-            .expect("mtime")
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after the epoch")
-            .as_secs();
-        assert_eq!(mtime, BACKING_MTIME, "the base image's mtime changed");
+        handover::assert_base_unchanged(&self.base, &self.base_before);
     }
 
     /// SIGTERM to `d` (exit 0), then the merge holds the model and the
@@ -841,17 +796,6 @@ impl Setup {
     }
 }
 
-/// The `handover` object of `status --json` on `control`.
-fn handover_of(control: &Path) -> Value {
-    let (ok, out) = control_cli(&["status", "--json"], control);
-    assert!(ok, "status on {}: {out}", control.display());
-    let v: Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON ({e}): {out}"));
-    let h = v["handover"].clone();
-    assert!(h.is_object(), "status has no handover object: {v}");
-    h
-}
-
 /// `handover` on `control` has this role, state and peer.
 fn assert_handover(control: &Path, role: &str, state: &str, peer: Option<u32>, what: &str) {
     let h = handover_of(control);
@@ -865,10 +809,6 @@ fn assert_handover(control: &Path, role: &str, state: &str, peer: Option<u32>, w
 
 /// B's log line once the switch-over brought it the disk.
 const SWITCHED: &str = "handover: live (switch-over of a live migration";
-/// A normal handover's destination, live.
-const LIVE: &str = "handover: live";
-/// A source's log line when it gives a handover up.
-const ABORTED: &str = "handover aborted";
 /// A destination whose frontend left before the switch-over.
 const LEFT: &str = "left before the switch-over";
 

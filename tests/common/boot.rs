@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The booted-guest kit of `tests/boot.rs` and `tests/boot_handover.rs`:
-//! guest images (`vm-images/images.sh`), a [`Scenario`] (work dir under
+//! The booted-guest kit of `tests/boot.rs`, `tests/boot_handover.rs`,
+//! `tests/boot_migration.rs` and `tests/libvirt.rs`: guest images
+//! (`vm-images/images.sh`), a [`Scenario`] (work dir under
 //! `vm-images/cache/`, base image, COW, daemon, `run-vm.sh` command lines,
-//! boot checks, `uml_moo`, base-image checks) and small host helpers.
+//! boot checks, `uml_moo`, base-image checks), the checks of the guest
+//! tests' results (`rw`, `reconnect`, the fio loop) and small host helpers.
 //! Included with `#[path = "common/boot.rs"] mod kit;` next to `mod common;`
 //! (not a module of `common`, so the other test binaries do not build it).
 #![allow(dead_code)]
@@ -44,6 +46,40 @@ pub fn note(msg: &str) {
 
 pub fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}
+
+/// A whole number from the environment, or `default`.
+pub fn env_u64(key: &str, default: u64) -> u64 {
+    match std::env::var(key) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}={v}: expected a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// The guest's fio write/verify loop, `vm-images/guest/tests/fio-loop.sh`,
+/// which `tests/boot_handover.rs` and `tests/boot_migration.rs` pass as
+/// the fw_cfg script `opt/vub/script` (so the file runs as it is, whatever
+/// initramfs is cached).
+pub fn fio_loop_script() -> PathBuf {
+    let p = vm_images().join("guest/tests/fio-loop.sh");
+    assert!(p.is_file(), "{} missing", p.display());
+    p
+}
+
+/// Rounds the fio loop has reported as verified so far on the guest
+/// console `serial`.
+pub fn rounds_ok(serial: &str) -> usize {
+    serial
+        .lines()
+        .filter(|l| l.starts_with("VUB: round ") && l.contains(" ok seed="))
+        .count()
 }
 
 /// Absolute path of a program found in `PATH`.
@@ -284,6 +320,116 @@ impl Boot {
             .filter_map(|w| w.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect()
+    }
+
+    /// No `VUB:` line reports a kernel I/O error (`dmesg-error`), a
+    /// MISMATCH, `failed` or `error`.
+    pub fn assert_no_errors(&self) {
+        let bad: Vec<&str> = self
+            .vub_lines()
+            .filter(|l| {
+                l.contains("dmesg-error")
+                    || l.contains("MISMATCH")
+                    || l.contains("failed")
+                    || l.contains("error")
+            })
+            .collect();
+        assert!(bad.is_empty(), "errors in the guest: {bad:#?}");
+    }
+
+    /// The result of the `reconnect` test run with `vub.iters=ITERS`:
+    /// every iteration `0..iters` ok and `VUB: reconnect-done iters=ITERS
+    /// bad=0`. Returns the longest iteration (its `dt=`, seconds).
+    pub fn check_reconnect(&self, iters: u64) -> f64 {
+        let ok: Vec<u64> = self
+            .vub_lines()
+            .filter_map(|l| l.strip_prefix("VUB: iter "))
+            .filter(|l| l.split_whitespace().nth(1) == Some("ok"))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(
+            ok,
+            (0..iters).collect::<Vec<_>>(),
+            "not every iteration passed:\n{}",
+            self.out
+        );
+        let done = format!("VUB: reconnect-done iters={iters} bad=0");
+        assert!(self.has(&done), "no `{done}`:\n{}", self.out);
+        self.vub_lines()
+            .filter_map(|l| l.split("dt=").nth(1)?.parse::<f64>().ok())
+            .fold(0.0, f64::max)
+    }
+
+    /// The result of the fio loop ([`fio_loop_script`]): no error in the
+    /// guest, `VUB: loop-done` with `bad=0` and as many rounds as `round R
+    /// ok` lines, more than `rounds_before` (the rounds verified before the
+    /// last `disturbance`, "handover" or "migration step": one must have
+    /// completed after it).
+    pub fn check_fio_loop(&self, rounds_before: usize, disturbance: &str) -> FioLoop {
+        self.assert_no_errors();
+        let done = self.fields("VUB: loop-done ");
+        assert_eq!(
+            done.get("bad").map(String::as_str),
+            Some("0"),
+            "{done:?}\n{}",
+            self.out
+        );
+        let rounds: usize = done
+            .get("rounds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("loop-done without rounds: {done:?}"));
+        assert_eq!(
+            rounds,
+            rounds_ok(&self.serial),
+            "rounds reported against `round R ok` lines\n{}",
+            self.out
+        );
+        assert!(
+            rounds > rounds_before,
+            "no guest round completed after the last {disturbance} ({rounds} rounds, all before it)"
+        );
+        let last_seed = done
+            .get("last_seed")
+            .cloned()
+            .unwrap_or_else(|| panic!("loop-done without last_seed: {done:?}"));
+        FioLoop {
+            rounds,
+            last_seed,
+            done,
+        }
+    }
+}
+
+/// What the fio loop reported ([`Boot::check_fio_loop`]).
+pub struct FioLoop {
+    /// Rounds written and verified.
+    pub rounds: usize,
+    /// The seed of the last round (its data is on the disk).
+    pub last_seed: String,
+    /// The fields of `VUB: loop-done`.
+    pub done: HashMap<String, String>,
+}
+
+/// The `rw` test's `VUB: rw-md5` line: where the guest wrote what, and the
+/// md5s of the three ranges as the guest read them back.
+pub struct RwMd5(HashMap<String, String>);
+
+impl RwMd5 {
+    /// The line of the `rw` boot `rw`, which must have passed (`VUB:
+    /// rw-ok`) on a disk of `size` bytes.
+    pub fn of(rw: &Boot, size: u64) -> Self {
+        assert!(rw.has("VUB: rw-ok"), "{}", rw.out);
+        let f = Self(rw.fields("VUB: rw-md5 "));
+        assert_eq!(f.num("size_bytes"), size, "guest disk size");
+        f
+    }
+
+    /// A numeric field (`guest_offset`, `tail_len`, ...).
+    pub fn num(&self, k: &str) -> u64 {
+        self.0
+            .get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("rw-md5 line without a numeric {k}: {:?}", self.0))
     }
 }
 
@@ -581,6 +727,46 @@ impl Scenario {
         self.note(&format!("base image sha256 unchanged: {sha}"));
     }
 
+    /// After `rw` (its `rw-md5` line `rw`) and `verify`: the uml_moo-merged COW
+    /// holds the host pattern and exactly the guest's writes, at the
+    /// offsets and with the md5s the guest printed, byte for byte.
+    pub fn check_rw_image(&mut self, rw: &RwMd5) {
+        let merged = self.merged();
+        let ranges = [
+            ("host", 0, MIB, "HOSTPATTERN".to_owned()),
+            (
+                "guest",
+                rw.num("guest_offset"),
+                rw.num("guest_len"),
+                format!("GUESTPATTERN-{}", self.seed),
+            ),
+            (
+                "tail",
+                rw.num("tail_offset"),
+                rw.num("tail_len"),
+                format!("GUESTTAIL-{}", self.seed),
+            ),
+        ];
+        let mut writes = Vec::new();
+        for (name, off, len, word) in ranges {
+            let got = &merged[off as usize..(off + len) as usize];
+            let got_md5 = md5_of(got);
+            assert_eq!(
+                Some(&got_md5),
+                rw.0.get(name),
+                "{name} range (offset {off}, {len} bytes) of the merged image: md5 differs from \
+                 the guest's"
+            );
+            let want = pattern(&word, len);
+            assert!(got == want.as_slice(), "{name} range is not `yes {word}`");
+            self.note(&format!(
+                "merged image: {name} range at {off} (+{len}) md5 {got_md5} matches the guest"
+            ));
+            writes.push((off, want));
+        }
+        self.check_merged(&merged, &writes[1..]);
+    }
+
     /// Compares `merged` with the base plus `writes` (offset, bytes): the
     /// whole image, so a write landing at a wrong offset is caught too.
     pub fn check_merged(&self, merged: &[u8], writes: &[(u64, Vec<u8>)]) {
@@ -654,6 +840,30 @@ impl Scenario {
             bad_blocks.len(),
             &bad_blocks[..bad_blocks.len().min(8)]
         );
+    }
+
+    /// After the fio loop over the first `size` bytes: SIGTERM to `daemon`
+    /// (exit 0), the base unchanged, `vhost-user-ubd check` accepts the COW
+    /// (`size` bytes of it written), and its uml_moo merge holds the loop's
+    /// last round (seed `last_seed`; [`Scenario::check_fio_image`]) and
+    /// the base's bytes after it.
+    pub fn stop_and_check_fio_loop(&mut self, daemon: Daemon, size: u64, last_seed: &str) {
+        let d = sigterm(daemon);
+        self.step("SIGTERM", d);
+        self.check_base_unchanged();
+        self.check_cow(size / 512);
+        let merged_path = self.merge();
+        self.check_fio_image(&merged_path, size, last_seed);
+        let merged = std::fs::read(&merged_path).unwrap();
+        let base = std::fs::read(&self.base).unwrap();
+        assert!(
+            merged[size as usize..] == base[size as usize..],
+            "the merged image differs from the base after the guest's {} MiB",
+            size / MIB
+        );
+        self.note(&format!(
+            "uml_moo of the COW == the guest's last round (seed {last_seed}) + the base"
+        ));
     }
 
     pub fn finish(mut self) {

@@ -9,6 +9,8 @@
 //!   quirks of `docs/blkio-client.md` handled once.
 //! - [`frontend`]: a raw vhost-user frontend (`vhost` crate) with
 //!   hand-built split rings in memfd guest memory.
+//! - [`handover`]: what the handover and migration tests share (the pause
+//!   hook, `status --json`, a migration destination, the base check).
 //!
 //! Use it with `mod common;` in a test file. One-shot commands
 //! (`vhost-user-ubd create`, `check`, ...) run [`BINARY`].
@@ -17,6 +19,7 @@
 pub mod client;
 pub mod daemon;
 pub mod frontend;
+pub mod handover;
 
 use std::{
     fs::File,
@@ -78,15 +81,10 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `vhost-user-ubd ARGS --control PATH` (`status`, `resize`, ...): whether
-/// it succeeded, and its stdout and stderr.
-pub fn control_cli(args: &[&str], control: &Path) -> (bool, String) {
-    let out = Command::new(BINARY)
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .unwrap();
+/// Runs a command to completion: whether it succeeded, and its stdout and
+/// stderr.
+pub fn outcome(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
     (
         out.status.success(),
         format!(
@@ -94,6 +92,17 @@ pub fn control_cli(args: &[&str], control: &Path) -> (bool, String) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
+    )
+}
+
+/// `vhost-user-ubd ARGS --control PATH` (`status`, `resize`, ...): whether
+/// it succeeded, and its stdout and stderr.
+pub fn control_cli(args: &[&str], control: &Path) -> (bool, String) {
+    outcome(
+        Command::new(BINARY)
+            .args(args)
+            .arg("--control")
+            .arg(control),
     )
 }
 

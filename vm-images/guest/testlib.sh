@@ -38,6 +38,26 @@ check() {
   if [ "$2" = "$3" ]; then echo "VUB: $1 ok md5=$2"; return 0; fi
   echo "VUB: MISMATCH $1 got=$2 want=$3"; return 1
 }
+# fio's line of a failed verify (a MISMATCH), in its output
+FIO_VERIFY_ERR='verify(:| failed)|bad (magic|header|pattern)|got pattern'
+# fio_failed RC [WHAT]: after fio exited with RC (its output in
+# /tmp/fio.out), one line saying why: "VUB: [WHAT ]fio-verify MISMATCH
+# <fio's line>" (a verify error), "VUB: [WHAT ]fio-io error rc=RC <line>"
+# or "VUB: [WHAT ]fio failed rc=RC: <fio's last lines>"; then fio's last 40
+# lines as "fio: " lines
+fio_failed() {
+  _what=${2:+$2 }
+  _vline=$(grep -m1 -E "$FIO_VERIFY_ERR" /tmp/fio.out || true)
+  _eline=$(grep -m1 -E 'io_u error|err= *[1-9]|fio: ' /tmp/fio.out || true)
+  if [ -n "$_vline" ]; then
+    echo "VUB: ${_what}fio-verify MISMATCH $_vline"
+  elif [ -n "$_eline" ]; then
+    echo "VUB: ${_what}fio-io error rc=$1 $_eline"
+  else
+    echo "VUB: ${_what}fio failed rc=$1: $(grep -v '^ *$' /tmp/fio.out | tail -n 3 | tr '\n' ' ')"
+  fi
+  sed 's/^/fio: /' /tmp/fio.out | tail -n 40
+}
 # rw_layout: sets TAIL_OFF (byte offset of the last MiB) after checking the size
 rw_layout() {
   SZ=$(devsize)

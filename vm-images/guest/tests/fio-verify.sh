@@ -72,8 +72,7 @@ secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b - a}')
 
 wline=$(grep -m1 -E '^ *write: IOPS=' /tmp/fio.out || true)
 rline=$(grep -m1 -E '^ *read: IOPS=' /tmp/fio.out || true)
-vline=$(grep -m1 -E 'verify(:| failed)|bad (magic|header|pattern)|got pattern' /tmp/fio.out || true)
-eline=$(grep -m1 -E 'io_u error|err= *[1-9]|fio: ' /tmp/fio.out || true)
+vline=$(grep -m1 -E "$FIO_VERIFY_ERR" /tmp/fio.out || true)
 # write phase complete: fio only starts its verify phase (or exits 0) after it
 wio=$(echo "$wline" | sed -n 's/.*)(\([^/]*\)\/.*/\1/p')
 if [ "$MODE" != verify ] && { [ $rc = 0 ] || [ -n "$vline" ]; }; then
@@ -83,14 +82,7 @@ fi
 bad=0
 if [ $rc != 0 ]; then
   bad=1
-  if [ -n "$vline" ]; then
-    echo "VUB: fio-verify MISMATCH $vline"
-  elif [ -n "$eline" ]; then
-    echo "VUB: fio-io error rc=$rc $eline"
-  else
-    echo "VUB: fio failed rc=$rc: $(grep -v '^ *$' /tmp/fio.out | tail -n 3 | tr '\n' ' ')"
-  fi
-  sed 's/^/fio: /' /tmp/fio.out | tail -n 40
+  fio_failed $rc
 elif [ "$MODE" != write ]; then
   # the seed check fio cannot do (see above): sampled blocks hold WORD's
   # pattern after fio's header.  Page cache dropped, so the reads reach the disk.
