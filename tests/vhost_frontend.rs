@@ -59,6 +59,8 @@ fn expected_features(readonly: bool, writethrough: bool) -> u64 {
         | bit(VIRTIO_BLK_F_TOPOLOGY)
         | bit(VIRTIO_BLK_F_FLUSH)
         | bit(VIRTIO_BLK_F_MQ)
+        // Dirty-page logging (live migration: QEMU blocks it without).
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if !writethrough {
         f |= bit(VIRTIO_BLK_F_CONFIG_WCE);
@@ -77,7 +79,8 @@ fn expected_protocol(inflight: bool) -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
-        | VhostUserProtocolFeatures::BACKEND_REQ;
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     if inflight {
         f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     } else {
