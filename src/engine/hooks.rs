@@ -81,8 +81,10 @@ pub fn drain_report() -> Duration {
 /// that a test can see the sandbox stop it. Does nothing without the
 /// variable; with it, once per process.
 pub fn forbidden_syscall() {
+    // Read once: this runs at every kick.
+    static ON: OnceLock<bool> = OnceLock::new();
     static ONCE: std::sync::Once = std::sync::Once::new();
-    if std::env::var_os("VHOST_USER_UBD_TEST_FORBIDDEN_SYSCALL").is_none() {
+    if !*ON.get_or_init(|| std::env::var_os("VHOST_USER_UBD_TEST_FORBIDDEN_SYSCALL").is_some()) {
         return;
     }
     ONCE.call_once(|| {

@@ -290,19 +290,16 @@ impl VhostUserBackend for BlkBackend {
             log::debug!("queue {queue}: event {evset:?}");
         }
         self.announce_pending();
-        let mut w = lock(worker);
         if !disk {
             crate::engine::hooks::forbidden_syscall();
-            if let Some(g) = &self.gate {
-                // A migration destination: the first kick of a started ring
-                // brings the disk over (the source has stopped its rings).
-                drop(w);
-                if !g.pass() {
-                    return Ok(());
-                }
-                w = lock(worker);
+            // A migration destination: the first event of a started ring
+            // brings the disk over (the source has stopped its rings);
+            // afterwards one atomic load.
+            if self.gate.as_ref().is_some_and(|g| !g.pass()) {
+                return Ok(());
             }
         }
+        let mut w = lock(worker);
         if disk {
             self.reap(&mut w, vring);
             if w.repoll {
