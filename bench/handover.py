@@ -52,6 +52,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import images, listening, log, read, tail
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UBD = os.path.join(ROOT, "target/release/vhost-user-ubd")
 VM = os.path.join(ROOT, "vm-images")
@@ -137,37 +139,6 @@ def cleanup():
                 p.wait()
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def images():
-    out = subprocess.run([os.path.join(VM, "images.sh")], check=True, capture_output=True, text=True).stdout
-    got = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return got["KERNEL"], got["INITRD"]
-
-
-def listening(path):
-    """The unix socket `path` is in the listening state (/proc/net/unix)."""
-    try:
-        with open("/proc/net/unix") as f:
-            for line in f.readlines()[1:]:
-                p = line.split()
-                if len(p) >= 8 and p[7] == path and int(p[3], 16) & 0x10000:
-                    return True
-    except OSError:
-        pass
-    return False
-
-
-def read(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def log_time(text, needle):
     """Host time (s) of the first daemon log line containing `needle`
     (env_logger's `[2026-12-02T02:46:55.657Z ...` stamps), or None."""
@@ -186,11 +157,6 @@ def persisted_ms(text):
     if not m:
         return None
     return float(m.group(1)) * {"ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
-
-
-def tail(path, n=30):
-    lines = read(path).splitlines()
-    return f"--- {path} (last {min(n, len(lines))} lines) ---\n" + "\n".join(lines[-n:]) + "\n"
 
 
 class Instance:

@@ -76,6 +76,8 @@ import tempfile
 import threading
 import time
 
+from benchlib import images, listening, log, read, tail
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UBD = os.environ.get("BENCH_UBD", os.path.join(ROOT, "target/release/vhost-user-ubd"))
 VM = os.path.join(ROOT, "vm-images")
@@ -99,47 +101,11 @@ LOOP_CAP = 300  # seconds: the guest's loop ends by the stop flag long before
 TIMEOUT = 90.0  # seconds for one migration, a daemon to go live, ...
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def read(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def tail(path, n=30):
-    lines = read(path).splitlines()
-    return f"--- {path} (last {min(n, len(lines))} lines) ---\n" + "\n".join(lines[-n:]) + "\n"
-
-
 def guest_script():
     """The guest's fio loop, the one tests/boot_migration.rs runs too."""
     if not os.path.isfile(GUEST_SCRIPT):
         sys.exit(f"no {GUEST_SCRIPT}")
     return GUEST_SCRIPT
-
-
-def images():
-    out = subprocess.run([os.path.join(VM, "images.sh")], check=True, capture_output=True, text=True).stdout
-    got = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return got["KERNEL"], got["INITRD"]
-
-
-def listening(path):
-    """The unix socket `path` is in the listening state (/proc/net/unix)."""
-    try:
-        with open("/proc/net/unix") as f:
-            for line in f.readlines()[1:]:
-                p = line.split()
-                if len(p) >= 8 and p[7] == path and int(p[3], 16) & 0x10000:
-                    return True
-    except OSError:
-        pass
-    return False
 
 
 def sha256(path):
