@@ -189,10 +189,11 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
         }
         Command::Create {
             alignment,
+            sectorsize,
             cow,
             backing,
         } => {
-            let h = cow::create_cow(&cow, &backing, alignment)?;
+            let h = cow::create_cow_with(&cow, &backing, alignment, sectorsize)?;
             log::info!(
                 "created COW file {} over {} ({} bytes)",
                 cow.display(),
@@ -228,9 +229,21 @@ fn print_report(r: &CowReport) {
     println!("file:          {}", r.path.display());
     println!("version:       {}", r.version);
     println!("backing file:  {}", r.backing_file.display());
-    println!("backing size:  {} bytes ({} sectors)", r.size, g.nsect);
+    println!(
+        "backing size:  {} bytes ({} sectors)",
+        r.size,
+        g.disk_sectors()
+    );
     println!("backing mtime: {}", r.mtime);
-    println!("sectorsize:    {}", r.sectorsize);
+    println!(
+        "sectorsize:    {}{}",
+        r.sectorsize,
+        if r.sectorsize == 512 {
+            ""
+        } else {
+            " (uml_moo honours it; the UML kernel driver does not: serve it with vhost-user-ubd)"
+        }
+    );
     println!("alignment:     {}", r.alignment);
     println!(
         "bitmap:        offset {} length {}",
@@ -245,9 +258,17 @@ fn print_report(r: &CowReport) {
         if g.nsect == 0 {
             0.0
         } else {
-            r.sectors_in_cow as f64 * 100.0 / g.nsect as f64
+            r.bits_set as f64 * 100.0 / g.nsect as f64
         }
     );
+    if r.reads_backing {
+        println!("reads backing: yes");
+    } else {
+        println!(
+            "reads backing: no (every sector is in the COW: the backing is no longer read; keep \
+             it, or a file of its size and mtime, for uml_moo and UML)"
+        );
+    }
     match &r.backing {
         BackingStatus::Ok => println!("backing:       ok (size and mtime match)"),
         BackingStatus::Missing { error } => println!("backing:       MISSING: {error}"),

@@ -242,6 +242,18 @@ pub fn uml_absolute_path(backing: &Path) -> io::Result<PathBuf> {
 /// header, then one zero byte at `data_offset + size - 1` (a sparse file).
 /// Fails if `path` exists.
 pub fn create_cow(path: &Path, backing: &Path, alignment: u32) -> Result<CowHeader, CowFileError> {
+    create_cow_with(path, backing, alignment, crate::cow::header::SECTOR_SIZE)
+}
+
+/// [`create_cow`] with COW sectors of `sectorsize` bytes (one bitmap bit
+/// each): 4096 makes the bitmap 8 times smaller. `uml_moo` honours it; the
+/// UML kernel driver assumes 512 and misreads such a file.
+pub fn create_cow_with(
+    path: &Path,
+    backing: &Path,
+    alignment: u32,
+    sectorsize: u32,
+) -> Result<CowHeader, CowFileError> {
     let bad = |reason: String| CowFileError::BadBacking {
         path: path.to_path_buf(),
         backing: backing.to_path_buf(),
@@ -261,7 +273,7 @@ pub fn create_cow(path: &Path, backing: &Path, alignment: u32) -> Result<CowHead
     }
     // UML stores the low 32 bits of st_mtime.
     let mtime = meta.mtime() as u32;
-    let header = CowHeader::new_v3(&abs, mtime, size, alignment).map_err(|e| bad(e.to_string()))?;
+    let header = CowHeader::new_v3(&abs, mtime, size, alignment, sectorsize).map_err(|e| bad(e.to_string()))?;
     let geometry = header.geometry().map_err(|e| bad(e.to_string()))?;
     let bytes = header.to_v3_bytes().map_err(|e| bad(e.to_string()))?;
     let create = |e: io::Error| CowFileError::Create {

@@ -34,6 +34,9 @@ pub const V1_PATH_FIELD_LEN: usize = 256;
 /// Largest alignment accepted when reading (1 GiB): anything larger is a
 /// corrupt header, not a real file.
 pub const MAX_ALIGNMENT: u32 = 1 << 30;
+/// Largest COW sector (bytes one bitmap bit covers) accepted. `uml_moo`
+/// honours the header's sector size; the UML kernel driver assumes 512.
+pub const MAX_SECTOR_SIZE: u32 = 64 * 1024;
 /// UML and `uml_moo` keep offsets in a C `int`.
 pub const UML_MAX_DATA_OFFSET: u64 = (1 << 31) - 1;
 
@@ -66,7 +69,10 @@ pub enum HeaderError {
     #[error("field 'backing_file' is empty")]
     PathEmpty,
     /// Sector size other than 512.
-    #[error("field 'sectorsize' is {0}: UML only works with 512-byte sectors")]
+    #[error(
+        "field 'sectorsize' is {0}: a COW sector is a power of two from 512 to {MAX_SECTOR_SIZE} \
+         bytes (UML's kernel driver only works with 512)"
+    )]
     BadSectorSize(u32),
     /// Alignment zero or implausibly large.
     #[error("field 'alignment' is {0}: must be between 1 and {MAX_ALIGNMENT}")]
@@ -125,7 +131,8 @@ pub struct CowHeader {
     pub mtime: u32,
     /// Backing file size in bytes.
     pub size: u64,
-    /// Sector size (always 512 once validated).
+    /// Bytes one bitmap bit covers (a power of two, 512 to
+    /// [`MAX_SECTOR_SIZE`]; UML's kernel driver only handles 512).
     pub sectorsize: u32,
     /// Alignment of the bitmap and data areas.
     pub alignment: u32,
@@ -136,8 +143,10 @@ pub struct CowHeader {
 /// Where the regions of a COW file lie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Geometry {
-    /// Sectors of the device: `ceil(size / 512)`.
+    /// COW sectors (bits of the bitmap): `ceil(size / sectorsize)`.
     pub nsect: u64,
+    /// Bytes one bit covers (the header's `sectorsize`).
+    pub sectorsize: u32,
     /// File offset of the bitmap.
     pub bitmap_offset: u64,
     /// Bytes of the on-disk bitmap.
@@ -149,7 +158,30 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Sectors whose bit fits in the on-disk bitmap. Equal to `nsect` for
+    /// 512-byte sectors of the device: `ceil(size / 512)` (R7).
+    pub fn disk_sectors(&self) -> u64 {
+        self.size.div_ceil(u64::from(SECTOR_SIZE))
+    }
+
+    /// log2 of the 512-byte sectors one COW sector (bit) covers: 0 for the
+    /// 512-byte sectors UML uses, 3 for 4096.
+    pub fn shift(&self) -> u32 {
+        (self.sectorsize / SECTOR_SIZE).trailing_zeros()
+    }
+
+    /// The COW sectors (bits) that 512-byte sectors `r` touch.
+    pub fn bits_of(&self, r: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        let k = 1u64 << self.shift();
+        (r.start >> self.shift())..r.end.div_ceil(k)
+    }
+
+    /// The 512-byte sectors of COW sectors (bits) `b`, clipped to the disk.
+    pub fn sectors_of(&self, b: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        let end = self.disk_sectors();
+        (b.start << self.shift()).min(end)..(b.end << self.shift()).min(end)
+    }
+
+    /// COW sectors (bits) whose bit fits in the on-disk bitmap. Equal to `nsect` for
     /// V3; V1/V2 round the bitmap length down and may hold fewer bits.
     pub fn bitmap_sectors(&self) -> u64 {
         self.nsect.min(self.bitmap_len.saturating_mul(8))
@@ -160,7 +192,9 @@ impl Geometry {
         self.data_offset.saturating_add(self.size)
     }
 
-    /// File offset of a sector's data (caller guarantees `sector < nsect`).
+    /// File offset of a 512-byte sector's data (caller guarantees `sector <
+    /// disk_sectors()`): the data area is byte-linear whatever the COW
+    /// sector size.
     pub fn data_pos(&self, sector: u64) -> u64 {
         self.data_offset
             .saturating_add(sector.saturating_mul(u64::from(SECTOR_SIZE)))
@@ -331,7 +365,10 @@ impl CowHeader {
     }
 
     fn validate(&self) -> Result<(), HeaderError> {
-        if self.sectorsize != SECTOR_SIZE {
+        if !self.sectorsize.is_power_of_two()
+            || self.sectorsize < SECTOR_SIZE
+            || self.sectorsize > MAX_SECTOR_SIZE
+        {
             return Err(HeaderError::BadSectorSize(self.sectorsize));
         }
         if self.alignment == 0 || self.alignment > MAX_ALIGNMENT {
@@ -378,6 +415,7 @@ impl CowHeader {
             .ok_or(HeaderError::SizeOverflow(self.size))?;
         Ok(Geometry {
             nsect,
+            sectorsize: self.sectorsize,
             bitmap_offset,
             bitmap_len,
             data_offset,
@@ -392,6 +430,7 @@ impl CowHeader {
         mtime: u32,
         size: u64,
         alignment: u32,
+        sectorsize: u32,
     ) -> Result<Self, HeaderError> {
         use std::os::unix::ffi::OsStrExt;
         let len = backing_file.as_os_str().as_bytes().len();
@@ -406,7 +445,7 @@ impl CowHeader {
             backing_file: backing_file.to_path_buf(),
             mtime,
             size,
-            sectorsize: SECTOR_SIZE,
+            sectorsize,
             alignment,
             cow_format: 0,
         };

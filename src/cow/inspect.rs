@@ -52,8 +52,13 @@ pub struct CowReport {
     pub geometry: Geometry,
     /// Length of the COW file.
     pub file_len: u64,
-    /// Sectors whose bit is set.
+    /// 512-byte sectors whose COW sector's bit is set.
     pub sectors_in_cow: u64,
+    /// Bits set (COW sectors of `sectorsize` bytes in the COW).
+    pub bits_set: u64,
+    /// Some sector is still read from the backing file (false once every
+    /// bit is set, e.g. after `flatten`: the base can then be retired).
+    pub reads_backing: bool,
     /// Backing check result.
     pub backing: BackingStatus,
 }
@@ -90,7 +95,9 @@ pub fn inspect(path: &Path, backing_override: Option<&Path>) -> Result<CowReport
         alignment: header.alignment,
         geometry,
         file_len,
-        sectors_in_cow: bitmap.count_set(),
+        sectors_in_cow: (bitmap.count_set() << geometry.shift()).min(geometry.disk_sectors()),
+        bits_set: bitmap.count_set(),
+        reads_backing: bitmap.count_set() < geometry.nsect,
         backing,
     })
 }

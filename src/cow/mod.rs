@@ -19,5 +19,5 @@ pub mod inspect;
 pub mod load;
 
 pub use bitmap::Bitmap;
-pub use file::{create_cow, BackingCheck, CowFile, CowFileError, OpenCow, Passed};
+pub use file::{create_cow, create_cow_with, BackingCheck, CowFile, CowFileError, OpenCow, Passed};
 pub use header::{CowHeader, CowVersion, Geometry, HeaderError};

@@ -4,7 +4,7 @@
 use super::*;
 
 fn v3_bytes(path: &str, size: u64, align: u32) -> Vec<u8> {
-    CowHeader::new_v3(Path::new(path), 1_700_000_000, size, align)
+    CowHeader::new_v3(Path::new(path), 1_700_000_000, size, align, 512)
         .and_then(|h| h.to_v3_bytes())
         .unwrap()
 }
@@ -167,7 +167,19 @@ fn corrupt_headers_name_the_field() {
     assert_eq!(CowHeader::parse(&b), Err(HeaderError::BadAlignment(0)));
     let mut b = good.clone();
     b[20..24].copy_from_slice(&4096u32.to_be_bytes());
-    assert_eq!(CowHeader::parse(&b), Err(HeaderError::BadSectorSize(4096)));
+    let h = CowHeader::parse(&b).unwrap();
+    assert_eq!(h.sectorsize, 4096);
+    let g = h.geometry().unwrap();
+    assert_eq!(g.shift(), 3);
+    assert_eq!(g.nsect, h.size.div_ceil(4096));
+    assert_eq!(g.disk_sectors(), h.size.div_ceil(512));
+    assert_eq!(g.bits_of(7..9), 0..2);
+    assert_eq!(g.bits_of(8..16), 1..2);
+    for bad in [0u32, 256, 1000, 3 * 512, 128 * 1024] {
+        b[20..24].copy_from_slice(&bad.to_be_bytes());
+        assert_eq!(CowHeader::parse(&b), Err(HeaderError::BadSectorSize(bad)));
+    }
+    let mut b = good.clone();
     let mut b = good.clone();
     b[32..].fill(b'a');
     assert_eq!(
@@ -194,7 +206,7 @@ fn garbage_after_the_path_nul_is_ignored() {
 fn path_too_long_is_refused_on_write() {
     let long = format!("/{}", "a".repeat(4095));
     assert_eq!(
-        CowHeader::new_v3(Path::new(&long), 0, 512, 4096),
+        CowHeader::new_v3(Path::new(&long), 0, 512, 4096, 512),
         Err(HeaderError::PathTooLong(4096))
     );
 }

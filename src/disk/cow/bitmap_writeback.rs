@@ -331,7 +331,7 @@ mod tests {
     }
 
     fn setup(sectors: u64) -> (Bitmap, Geometry) {
-        let h = CowHeader::new_v3(std::path::Path::new("/b"), 0, sectors * 512, 4096).unwrap();
+        let h = CowHeader::new_v3(std::path::Path::new("/b"), 0, sectors * 512, 4096, 512).unwrap();
         let g = h.geometry().unwrap();
         (Bitmap::from_bytes(vec![], g.nsect), g)
     }

@@ -109,7 +109,7 @@ impl CowDisk {
             );
         }
         let info = DiskInfo {
-            size: crate::disk::DiskSize::new(file.geometry.nsect),
+            size: crate::disk::DiskSize::new(file.geometry.disk_sectors()),
             readonly: opts.readonly,
             path: path.to_path_buf(),
             id: file_id(&meta),
