@@ -90,6 +90,44 @@ pub enum Command {
         /// The COW file.
         cow: PathBuf,
     },
+    /// Merge a COW file with its backing into a raw image, offline: the
+    /// bytes of `uml_moo COW OUT`, written sparse, under a temporary name
+    /// renamed at the end. With --in-place, into the backing file itself
+    /// (`uml_moo -d COW`), which invalidates every COW made over it.
+    Merge {
+        /// Write the COW's sectors into its backing file instead of a new
+        /// image. Refused while a daemon or UML guest uses the COW or the
+        /// backing.
+        #[arg(long, conflicts_with_all = ["out", "force"])]
+        in_place: bool,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Use this backing file instead of the header's (`uml_moo -b`).
+        #[arg(long, value_name = "FILE")]
+        backing: Option<PathBuf>,
+        /// What the backing file is checked for, as `serve --backing-check`
+        /// (size+mtime, size or none; --in-place needs a check).
+        #[arg(
+            long,
+            default_value = "size+mtime",
+            value_name = "size+mtime|size|none"
+        )]
+        backing_check: String,
+        /// Where `serve` keeps the COW's crash journal: a merge is refused
+        /// while one holds writes a daemon completed before it died.
+        #[arg(long, default_value = "/dev/shm", value_name = "DIR")]
+        crash_journal: PathBuf,
+        /// Progress: text (a bar on stderr when it is a terminal) or json
+        /// (a line a second on stdout, and a last one with "done": true).
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+        /// The COW file.
+        cow: PathBuf,
+        /// The raw image to write (must not exist, unless --force).
+        #[arg(required_unless_present = "in_place")]
+        out: Option<PathBuf>,
+    },
     /// Show what a running daemon serves, through its control socket.
     Status {
         /// The daemon's --control socket.
@@ -110,6 +148,60 @@ pub enum Command {
         force: bool,
         /// The new size.
         size: String,
+    },
+    /// Copy every sector still read from the backing into the COW while
+    /// the guest runs (block job; README "Block jobs"). Afterwards `info`
+    /// says the COW no longer reads its backing. Resumable: a flatten
+    /// started again skips what is in the COW already. Waits for the job
+    /// (exit status 0 only on success) unless --detach; Ctrl-C leaves the
+    /// job running, `cancel` stops it.
+    Flatten {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Copy at most this many MB (10^6 bytes) per second.
+        #[arg(long, value_name = "MB/s")]
+        rate: Option<f64>,
+        /// Start the job and return.
+        #[arg(long)]
+        detach: bool,
+        /// Progress as text (a bar on a terminal) or one JSON line per second.
+        #[arg(long, value_enum, default_value = "text")]
+        output: crate::job_cli::Output,
+    },
+    /// Write the served disk as it is at this instant to a new raw image
+    /// while the guest keeps writing (copy-before-write; block job). OUT is
+    /// created by the daemon (same user), sparse where the disk reads zeros.
+    /// Waits for the job unless --detach; Ctrl-C leaves it running.
+    Export {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Copy at most this many MB (10^6 bytes) per second (a chunk a
+        /// guest write waits for is copied at once).
+        #[arg(long, value_name = "MB/s")]
+        rate: Option<f64>,
+        /// Start the job and return.
+        #[arg(long)]
+        detach: bool,
+        /// Progress as text (a bar on a terminal) or one JSON line per second.
+        #[arg(long, value_enum, default_value = "text")]
+        output: crate::job_cli::Output,
+        /// The raw image to write.
+        out: PathBuf,
+    },
+    /// Stop the running block job (a flatten keeps what it copied; an
+    /// export's unfinished image is removed).
+    Cancel {
+        /// The daemon's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Print the job's final status as text or JSON.
+        #[arg(long, value_enum, default_value = "text")]
+        output: crate::job_cli::Output,
     },
     /// Check that a COW file can be served: header, layout, backing, locks.
     /// Exit status 0 only when it is usable.

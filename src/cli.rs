@@ -46,6 +46,9 @@ pub enum CliError {
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
+    /// A merge failed.
+    #[error(transparent)]
+    Merge(#[from] cow::merge::MergeError),
     /// A size that cannot be parsed.
     #[error(
         "cannot read the size {0:?}: give bytes, or a number with K, M, G or T (powers of 1024)"
@@ -187,6 +190,23 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Flatten {
+            control,
+            rate,
+            detach,
+            output,
+        } => Ok(crate::job_cli::flatten(&control, rate, detach, output)?),
+        Command::Export {
+            control,
+            force,
+            rate,
+            detach,
+            output,
+            out,
+        } => Ok(crate::job_cli::export(
+            &control, &out, force, rate, detach, output,
+        )?),
+        Command::Cancel { control, output } => Ok(crate::job_cli::cancel(&control, output)?),
         Command::Create {
             alignment,
             sectorsize,
@@ -200,6 +220,37 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
                 h.backing_file.display(),
                 h.size
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Merge {
+            in_place,
+            force,
+            backing,
+            backing_check,
+            crash_journal,
+            output,
+            cow,
+            out,
+        } => {
+            let backing_check = cow::BackingCheck::parse(&backing_check)
+                .ok_or(ConfigError::BackingCheck(backing_check))?;
+            let target = match out {
+                Some(path) if !in_place => cow::merge::Target::File { path, force },
+                _ => cow::merge::Target::InPlace,
+            };
+            let opts = cow::merge::MergeOptions {
+                cow,
+                target,
+                backing,
+                backing_check,
+            };
+            refuse_pending_journal(&opts, &crash_journal)?;
+            let output = if output == "json" {
+                cow::merge::Output::Json
+            } else {
+                cow::merge::Output::Text
+            };
+            cow::merge::run(&opts, output)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json, cow } => {
@@ -220,6 +271,39 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
             let mode = cow::BackingCheck::parse(&backing_check)
                 .ok_or(ConfigError::BackingCheck(backing_check))?;
             Ok(check(&cow, backing.as_deref(), &crash_journal, mode))
+        }
+    }
+}
+
+/// A merge would miss the writes a crash journal holds (a daemon that died
+/// completed them, their bits are not in the file): refused. A journal that
+/// cannot be looked at is only logged; the merge checks the files itself.
+fn refuse_pending_journal(
+    opts: &cow::merge::MergeOptions,
+    dir: &Path,
+) -> Result<(), cow::merge::MergeError> {
+    let open = OpenCow {
+        readonly: true,
+        backing: opts.backing.clone(),
+        no_lock: true,
+        backing_check: cow::BackingCheck::None,
+        ..OpenCow::default()
+    };
+    let Ok(f) = CowFile::open(&opts.cow, &open) else {
+        return Ok(());
+    };
+    match disk::cow::journal::pending(dir, &f) {
+        Ok(disk::cow::journal::Pending::Applies { path, sectors }) => {
+            Err(cow::merge::MergeError::PendingJournal {
+                cow: opts.cow.clone(),
+                journal: path,
+                sectors,
+            })
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            log::warn!("{}: crash journal not checked: {e}", opts.cow.display());
+            Ok(())
         }
     }
 }

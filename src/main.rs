@@ -8,6 +8,7 @@ use clap::{CommandFactory, FromArgMatches};
 
 mod args;
 mod cli;
+mod job_cli;
 
 fn main() -> ExitCode {
     let matches = args::Args::command().get_matches();

@@ -5,6 +5,10 @@
 //! ```text
 //! -> {"v":1,"cmd":"status"}
 //! <- {"v":1,"ok":true,"disk":{...},"device":{...},"stats":{...}}
+//! -> {"v":1,"cmd":"flatten","rate":50000000}
+//! <- {"v":1,"ok":true,"job":{"kind":"flatten","state":"running",...}}
+//! -> {"v":1,"cmd":"export","path":"/abs/out.img","force":false}
+//! -> {"v":1,"cmd":"cancel"}
 //! -> {"v":1,"cmd":"resize","size":2147483648,"force":false}
 //! <- {"v":1,"ok":true,"sectors":4194304,"bytes":2147483648,"notified":true}
 //! <- {"v":1,"ok":false,"error":"..."}
@@ -78,6 +82,32 @@ enum Request {
         #[serde(default)]
         #[allow(dead_code)]
         migration: bool,
+    },
+    /// Start a flatten job (README "Block jobs").
+    Flatten {
+        /// Protocol version.
+        v: u64,
+        /// Bytes per second at most.
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    /// Start a point-in-time export to a new raw image.
+    Export {
+        /// Protocol version.
+        v: u64,
+        /// The image (an absolute path; must not exist unless `force`).
+        path: PathBuf,
+        /// Replace an existing image.
+        #[serde(default)]
+        force: bool,
+        /// Bytes per second at most.
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    /// Stop the running job.
+    Cancel {
+        /// Protocol version.
+        v: u64,
     },
     /// Change the disk's size.
     Resize {
@@ -309,7 +339,12 @@ fn answer(line: &[u8], shared: &Shared) -> Answer {
         }
     };
     let v = match req {
-        Request::Status { v } | Request::Resize { v, .. } | Request::Handover { v, .. } => v,
+        Request::Status { v }
+        | Request::Resize { v, .. }
+        | Request::Handover { v, .. }
+        | Request::Flatten { v, .. }
+        | Request::Export { v, .. }
+        | Request::Cancel { v } => v,
     };
     if v != VERSION {
         return Answer::Reply(error(format!(
@@ -326,6 +361,28 @@ fn answer(line: &[u8], shared: &Shared) -> Answer {
             "handover step {step:?} on a connection that did not register; a destination \
              sends register first, then every step on the same connection"
         )),
+        Request::Flatten { .. } | Request::Export { .. } if !shared.handover.idle() => error(
+            "a live handover is in progress; start the job once it has finished (on the \
+             instance that serves then)",
+        ),
+        Request::Flatten { rate, .. } => job_reply(
+            backend,
+            backend
+                .disk()
+                .start_job(crate::disk::job::JobRequest::Flatten { rate }),
+        ),
+        Request::Export {
+            path, force, rate, ..
+        } => job_reply(
+            backend,
+            backend
+                .disk()
+                .start_job(crate::disk::job::JobRequest::Export { path, force, rate }),
+        ),
+        Request::Cancel { .. } => match backend.disk().cancel_job() {
+            Ok(job) => json!({"v": VERSION, "ok": true, "job": job}),
+            Err(e) => error(e.to_string()),
+        },
         Request::Resize { .. } if !shared.handover.idle() => error(
             "a live handover is in progress; resize once it has finished (on the instance \
              that serves then)",
@@ -358,9 +415,17 @@ fn status(backend: &BlkBackend, handover: &SourceShared) -> Value {
         },
         "device": backend.status(),
         "stats": disk.stats(),
+        "job": disk.job(),
         "handover": handover.status(),
         "pid": std::process::id(),
     })
+}
+
+fn job_reply(backend: &BlkBackend, started: Result<(), crate::disk::DiskError>) -> Value {
+    match started {
+        Ok(()) => json!({"v": VERSION, "ok": true, "job": backend.disk().job()}),
+        Err(e) => error(e.to_string()),
+    }
 }
 
 fn resize(backend: &BlkBackend, size: u64, force: bool) -> Value {

@@ -152,4 +152,22 @@ impl Disk for PendingDisk {
             d.retire(retired);
         }
     }
+
+    fn start_job(&self, job: super::job::JobRequest) -> Result<(), DiskError> {
+        match self.inner.get() {
+            Some(d) => d.start_job(job),
+            None => Err(self.not_yet()),
+        }
+    }
+
+    fn job(&self) -> Option<super::job::JobStatus> {
+        self.inner.get().and_then(|d| d.job())
+    }
+
+    fn cancel_job(&self) -> Result<super::job::JobStatus, DiskError> {
+        match self.inner.get() {
+            Some(d) => d.cancel_job(),
+            None => Err(self.not_yet()),
+        }
+    }
 }

@@ -20,6 +20,7 @@
 
 pub mod cow;
 pub mod extents;
+pub mod job;
 pub mod lazy;
 mod queue_core;
 pub mod raw;
@@ -88,6 +89,14 @@ pub enum DiskError {
         /// The disk's file.
         path: PathBuf,
         /// Why, and what to do.
+        reason: String,
+    },
+    /// A block job that this disk refuses, or that failed to start.
+    #[error("block job on {path}: {reason}")]
+    Job {
+        /// The disk's file.
+        path: PathBuf,
+        /// What is wrong and what to do.
         reason: String,
     },
     /// Persisting state at shutdown failed.
@@ -286,6 +295,32 @@ pub trait Disk: Send + Sync + std::fmt::Debug {
     /// files (their open file descriptions, so the locks go with them)
     /// and what is known about them. Call on a persisted, idle disk.
     fn export(&self) -> Result<passed::DiskExport, DiskError>;
+
+    /// Starts a block job (flatten, export) on the running disk.
+    fn start_job(&self, _job: job::JobRequest) -> Result<(), DiskError> {
+        Err(DiskError::Job {
+            path: self.info().path.clone(),
+            reason: format!(
+                "a {} disk has no block jobs: flatten and export work on a COW disk (for a \
+                 raw image, copy it with the guest stopped, or use `vhost-user-ubd create` \
+                 to put a COW over it)",
+                self.info().kind
+            ),
+        })
+    }
+
+    /// The block job running or last run.
+    fn job(&self) -> Option<job::JobStatus> {
+        None
+    }
+
+    /// Stops the running block job; returns its final status.
+    fn cancel_job(&self) -> Result<job::JobStatus, DiskError> {
+        Err(DiskError::Job {
+            path: self.info().path.clone(),
+            reason: "no job has run on this disk".into(),
+        })
+    }
     /// Handed over (`true`): every later request fails with EIO, and
     /// shutdown writes nothing and leaves the files (the crash journal
     /// included) to the new instance. `false` takes the disk back (the
@@ -319,6 +354,12 @@ pub struct DiskStats {
     pub syncs: u64,
     /// Durability epochs completed.
     pub epochs: u64,
+    /// COW sectors copied up from the backing for a write smaller than a
+    /// COW sector (`create --sectorsize`).
+    pub copy_ups: u64,
+    /// Writes and reads parked until a copy of their sectors completed
+    /// (copy-up, flatten, export).
+    pub writes_held: u64,
 }
 
 /// One worker's view of a disk.

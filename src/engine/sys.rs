@@ -89,6 +89,20 @@ pub fn seek_data_or_hole(file: &File, pos: u64, data: bool) -> io::Result<Option
     Ok(u64::try_from(r).ok())
 }
 
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: bytes `[pos, pos + len)` of `file`
+/// read as zeros and take no space (where the file system can).
+pub fn punch_hole(file: &File, pos: u64, len: u64) -> io::Result<()> {
+    let (Ok(p), Ok(l)) = (libc::off_t::try_from(pos), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, p, l) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A set of signals blocked in every thread, received by [`Signals::wait`].
 #[derive(Clone, Copy)]
 pub struct Signals(libc::sigset_t);

@@ -144,6 +144,21 @@ impl SourceShared {
                 p
             }
         });
+        if let Some(job) = self
+            .ctx
+            .backend
+            .disk()
+            .job()
+            .filter(|j| j.state == crate::disk::job::JobState::Running)
+        {
+            return reply(
+                stream,
+                &error(format!(
+                    "a {} job is running on this disk: wait for it, or cancel it                      (vhost-user-ubd cancel --control CTL), then hand over; a flatten started                      again on the new instance goes on where it stopped",
+                    job.kind
+                )),
+            );
+        }
         match self.step(conn, Step::Register { pid }) {
             Ok(_) => {}
             Err(why) => return reply(stream, &error(why)),

@@ -30,6 +30,8 @@ mod backing_watch;
 pub mod bitmap_writeback;
 pub mod channel;
 pub mod durability;
+pub mod gate;
+pub mod jobs;
 pub mod journal;
 mod queue;
 pub mod state;
@@ -157,6 +159,10 @@ impl CowDisk {
             backing_changed: AtomicBool::new(false),
             stats: Stats::default(),
             journal,
+            gated: std::sync::atomic::AtomicU8::new(0),
+            unregistered: AtomicU64::new(0),
+            job_cv: std::sync::Condvar::new(),
+            job: jobs::JobSlot::default(),
             file,
         });
         let thread_shared = shared.clone();
@@ -218,7 +224,21 @@ impl Disk for CowDisk {
             bitmap_writes_waited: s.bitmap_writes_waited.load(Ordering::Relaxed),
             syncs: s.syncs.load(Ordering::Relaxed),
             epochs: s.epochs.load(Ordering::Relaxed),
+            copy_ups: s.copy_ups.load(Ordering::Relaxed),
+            writes_held: s.gate_parked.load(Ordering::Relaxed),
         }
+    }
+
+    fn start_job(&self, job: crate::disk::job::JobRequest) -> Result<(), DiskError> {
+        jobs::start(&self.shared, job)
+    }
+
+    fn job(&self) -> Option<crate::disk::job::JobStatus> {
+        jobs::status(&self.shared)
+    }
+
+    fn cancel_job(&self) -> Result<crate::disk::job::JobStatus, DiskError> {
+        jobs::cancel(&self.shared)
     }
 
     fn resize(&self, _sectors: u64, _force: bool, _drain: &dyn Fn()) -> Result<(), DiskError> {
@@ -272,6 +292,9 @@ impl Disk for CowDisk {
         let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
             return Ok(());
         };
+        // A flatten stops where it is (the bitmap keeps what it copied),
+        // an export is abandoned.
+        jobs::stop(&self.shared);
         self.shared.closed.store(true, Ordering::Release);
         let (tx, rx) = mpsc::channel();
         self.shared.channel.send(Cmd::Shutdown(tx));

@@ -5,13 +5,16 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64},
-        Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicU8},
+        Condvar, Mutex,
     },
     time::Instant,
 };
 
-use super::{bitmap_writeback::BitmapWriteback, channel::Channel, journal::Journal};
+use super::{
+    bitmap_writeback::BitmapWriteback, channel::Channel, gate::Gate, jobs::JobSlot,
+    journal::Journal,
+};
 use crate::{
     cow::CowFile,
     disk::{extents::ExtentSet, DiskInfo, DiskOptions},
@@ -29,7 +32,15 @@ pub struct CowState {
     pub since: Option<Instant>,
     /// A queue saw too many pending extents.
     pub checkpoint_requested: bool,
+    /// Copies in flight (copy-up, flatten, export) and the registered
+    /// guest writes they must not cross (seeds 000, 004).
+    pub gate: Gate,
 }
+
+/// `CowShared::gated`: a flatten runs (cold writes register).
+pub const GATED_FLATTEN: u8 = 1;
+/// `CowShared::gated`: an export runs (every write is checked).
+pub const GATED_EXPORT: u8 = 2;
 
 /// Counters of a COW disk.
 #[derive(Debug, Default)]
@@ -44,6 +55,10 @@ pub struct Stats {
     pub syncs: AtomicU64,
     /// Epochs completed.
     pub epochs: AtomicU64,
+    /// COW sectors copied up from the backing for a partial write.
+    pub copy_ups: AtomicU64,
+    /// Requests parked on the gate (a copy of their sectors in flight).
+    pub gate_parked: AtomicU64,
 }
 
 /// Everything about an open COW disk.
@@ -76,4 +91,14 @@ pub struct CowShared {
     /// The crash journal: completed writes whose bits are not durable yet,
     /// kept where a process crash cannot reach them.
     pub journal: Option<Journal>,
+    /// Which jobs make writes take the gate ([`GATED_FLATTEN`],
+    /// [`GATED_EXPORT`]).
+    pub gated: AtomicU8,
+    /// Writes in flight that took no ticket at the gate (a job starting
+    /// waits for them: they were admitted before it was gated).
+    pub unregistered: AtomicU64,
+    /// A job waits here (with `state`) for writes and copies to end.
+    pub job_cv: Condvar,
+    /// The block job running or last run.
+    pub job: JobSlot,
 }
