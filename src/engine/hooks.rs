@@ -95,3 +95,18 @@ pub fn forbidden_syscall() {
         }
     });
 }
+
+/// Which mechanism of the block-job gate (`disk::cow::gate`) a negative
+/// control switches off, from `VHOST_USER_UBD_TEST_GATE_OFF`:
+/// `copy-up` (a partial write of a cold COW sector copies nothing),
+/// `flatten` (the flatten copies over registered writes, holding nothing),
+/// `export` (writes never wait for their chunk's copy-before-write).
+pub fn gate_off(what: &str) -> bool {
+    static OFF: OnceLock<Option<String>> = OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        let v = std::env::var("VHOST_USER_UBD_TEST_GATE_OFF").ok()?;
+        log::warn!("test hook: the gate's {v} mechanism is off (data will be wrong)");
+        Some(v)
+    });
+    off.as_deref().is_some_and(|v| v.split(',').any(|w| w == what))
+}

@@ -22,7 +22,7 @@ use crate::{
         check_request, extents::ExtentSet, sectors_to_bytes, Completion, DiskQueue, IoVecs, Op,
         Request, Submitted, SECTOR,
     },
-    engine::{BufReturn, Engine, IoKind, IoOp},
+    engine::{hooks, BufReturn, Engine, IoKind, IoOp},
 };
 
 /// How a write in flight is known to the gate (see `gate`).
@@ -258,7 +258,7 @@ impl CowQueue {
             self.park(state);
             return Admit::Park;
         }
-        if shared.gated.load(Ordering::SeqCst) & GATED_EXPORT != 0 {
+        if shared.gated.load(Ordering::SeqCst) & GATED_EXPORT != 0 && !hooks::gate_off("export") {
             if let Some(map) = state.gate.export.as_mut() {
                 if !map.admit(&bits) {
                     self.park(state);
@@ -268,7 +268,7 @@ impl CowQueue {
             }
         }
         let mut copies = Vec::new();
-        if self.shift > 0 && !all_set {
+        if self.shift > 0 && !all_set && !hooks::gate_off("copy-up") {
             // The head and tail COW sectors the write covers only in part
             // and that are not in the COW need the rest from the backing.
             let mut ends = vec![bits.start];
