@@ -1465,7 +1465,11 @@ fn without_the_copy_up_the_4096_stress_fails() {
         .env("STRESS_OPS", "2000")
         .output()
         .expect("run the stress");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "the stress passed without the copy-up:\n{text}");
     assert!(
         text.contains("saw zeros; valid: [backing]"),
