@@ -529,6 +529,7 @@ impl ServeConfig {
             journal_dir: self.crash_journal.clone(),
             lock_wait: LOCK_WAIT,
             backing_check: self.backing_check,
+            ..DiskOptions::default()
         }
     }
 }

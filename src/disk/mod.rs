@@ -420,6 +420,9 @@ pub struct DiskOptions {
     pub lock_wait: Duration,
     /// What a COW's backing file is checked for (`--backing-check`).
     pub backing_check: crate::cow::BackingCheck,
+    /// Bytes a block job (flatten, export) copies at a time: the unit that
+    /// guest writes wait for.
+    pub job_chunk: u64,
 }
 
 /// Which interface carries `O_DIRECT` data writes (`--cache none`; not the
@@ -470,6 +473,7 @@ impl Default for DiskOptions {
             journal_dir: None,
             lock_wait: Duration::ZERO,
             backing_check: crate::cow::BackingCheck::SizeMtime,
+            job_chunk: cow::jobs::CHUNK_BYTES,
         }
     }
 }

@@ -180,7 +180,6 @@ fn corrupt_headers_name_the_field() {
         assert_eq!(CowHeader::parse(&b), Err(HeaderError::BadSectorSize(bad)));
     }
     let mut b = good.clone();
-    let mut b = good.clone();
     b[32..].fill(b'a');
     assert_eq!(
         CowHeader::parse(&b),

@@ -390,6 +390,14 @@ fn out_is_export(p: &Progress) -> bool {
     p.kind == "export"
 }
 
+/// The chunk size: `DiskOptions::job_chunk`, whole COW sectors, at most
+/// 64 MiB.
+fn chunk_bytes(shared: &CowShared) -> u64 {
+    let ss = u64::from(shared.file.geometry.sectorsize);
+    let c = shared.opts.job_chunk.clamp(ss, 64 << 20);
+    c - c % ss
+}
+
 fn sectors_bytes(sectors: u64) -> u64 {
     sectors.saturating_mul(SECTOR)
 }
@@ -481,6 +489,16 @@ fn copy_run(
             f.data_fd.write_all_at(piece, pos)
         };
         written.map_err(|e| format!("writing the COW at byte {pos}: {e}"))?;
+        if let Some(o) = &shared.opts.observer {
+            // What reached the file (after the call: a sync from now on
+            // covers it), for the crash-state recorder.
+            use std::os::fd::AsRawFd;
+            if piece.iter().all(|&b| b == 0) {
+                o.0.on_zero(f.data_fd.as_raw_fd(), pos, sectors_bytes(n));
+            } else {
+                o.0.on_write(f.data_fd.as_raw_fd(), pos, piece);
+            }
+        }
         p.copied.fetch_add(sectors_bytes(n), Ordering::Relaxed);
         s = s.saturating_add(n);
     }
@@ -493,7 +511,7 @@ fn flatten(shared: &CowShared, p: &Progress) -> Result<Option<String>, String> {
     let f = &shared.file;
     let g = &f.geometry;
     let limit = g.bitmap_sectors();
-    let chunk_bits = (CHUNK_BYTES / u64::from(g.sectorsize)).max(1);
+    let chunk_bits = (chunk_bytes(shared) / u64::from(g.sectorsize)).max(1);
     let mut buf =
         AlignedBuf::new(CHUNK_BYTES as usize).map_err(|e| format!("copy buffer: {e}"))?;
     let mut b0 = 0u64;
@@ -603,7 +621,7 @@ fn finish(shared: &CowShared, chunk: &Range<u64>, runs: &[Range<u64>]) -> Result
 fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>, String> {
     let f = &shared.file;
     let g = &f.geometry;
-    let chunk_bits = (CHUNK_BYTES / u64::from(g.sectorsize)).max(1);
+    let chunk_bits = (chunk_bytes(shared) / u64::from(g.sectorsize)).max(1);
     {
         let mut s = lock(shared)?;
         s.gate.export = Some(ExportMap::new(g.nsect, chunk_bits));
@@ -628,8 +646,8 @@ fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>
             .map(|t| t.display().to_string())
             .unwrap_or_default()
     );
-    let mut buf =
-        AlignedBuf::new(CHUNK_BYTES as usize).map_err(|e| format!("copy buffer: {e}"))?;
+    let mut buf = AlignedBuf::new(chunk_bytes(shared) as usize)
+        .map_err(|e| format!("copy buffer: {e}"))?;
     let mut cursor = 0u64;
     loop {
         p.stopped(shared)?;
