@@ -140,6 +140,39 @@ fn status(control: &Path, json: bool) -> Result<ExitCode, CliError> {
         st["epochs"],
         st["reads_parked"]
     );
+    if st["copy_ups"].as_u64().unwrap_or(0) > 0 || st["writes_held"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "copies:     {} COW sectors copied up, {} requests held for a copy",
+            st["copy_ups"], st["writes_held"]
+        );
+    }
+    let job = &v["job"];
+    if job.is_object() {
+        let pct = match (job["bytes_done"].as_u64(), job["bytes_total"].as_u64()) {
+            (Some(d), Some(t)) if t > 0 => d as f64 * 100.0 / t as f64,
+            _ => 0.0,
+        };
+        println!(
+            "job:        {} {}, {pct:.1}% ({} of {} bytes), {:.1} MB/s{}{}{}",
+            job["kind"].as_str().unwrap_or("?"),
+            job["state"].as_str().unwrap_or("?"),
+            job["bytes_done"],
+            job["bytes_total"],
+            job["rate_bps"].as_f64().unwrap_or(0.0) / 1e6,
+            job["eta_s"]
+                .as_f64()
+                .map(|e| format!(", eta {e:.0} s"))
+                .unwrap_or_default(),
+            job["target"]
+                .as_str()
+                .map(|t| format!(", image {t}"))
+                .unwrap_or_default(),
+            job["error"]
+                .as_str()
+                .map(|e| format!(", error: {e}"))
+                .unwrap_or_default(),
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
