@@ -119,8 +119,7 @@ fn follow(control: &Path, kind: &str, output: Output) -> Result<ExitCode, Daemon
             bar.set_position(job["bytes_done"].as_u64().unwrap_or(0));
         }
         let running = state == "running";
-        if output == Output::Json && (!running || last_line.elapsed() >= Duration::from_secs(1))
-        {
+        if output == Output::Json && (!running || last_line.elapsed() >= Duration::from_secs(1)) {
             println!("{job}");
             last_line = Instant::now();
         }

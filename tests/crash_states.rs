@@ -298,7 +298,11 @@ fn run_workload(w: &Workload, seed: u64) -> Run {
         }
         let job = disk.job().unwrap();
         assert_eq!(job.state, JobState::Completed, "{}: {job:?}", w.name);
-        assert!(job.bytes_copied > 0, "{}: the flatten copied nothing", w.name);
+        assert!(
+            job.bytes_copied > 0,
+            "{}: the flatten copied nothing",
+            w.name
+        );
     }
     let journals = || {
         std::fs::read_dir(dir.path())

@@ -1470,10 +1470,17 @@ fn without_the_copy_up_the_4096_stress_fails() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!out.status.success(), "the stress passed without the copy-up:\n{text}");
+    assert!(
+        !out.status.success(),
+        "the stress passed without the copy-up:\n{text}"
+    );
     assert!(
         text.contains("saw zeros; valid: [backing]"),
         "it failed, but not on data:\n{}",
-        text.lines().filter(|l| !l.contains("torn (accepted)")).take(40).collect::<Vec<_>>().join("\n")
+        text.lines()
+            .filter(|l| !l.contains("torn (accepted)"))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

@@ -109,7 +109,8 @@ impl ExportMap {
         if bits.is_empty() {
             return 0..0;
         }
-        bits.start / self.chunk_bits..bits.end.div_ceil(self.chunk_bits)
+        // `chunk_bits` is at least 1 (`new`).
+        bits.start.checked_div(self.chunk_bits).unwrap_or(0)..bits.end.div_ceil(self.chunk_bits)
     }
 
     /// True when a write of `bits` may go: every chunk it touches is saved.

@@ -206,7 +206,10 @@ pub fn start(shared: &Arc<CowShared>, req: JobRequest) -> Result<(), DiskError> 
         }
     }
     if shared.retired.load(Ordering::Acquire) || shared.closed.load(Ordering::Acquire) {
-        return Err(job_error(shared, "the disk is shut down or handed over".into()));
+        return Err(job_error(
+            shared,
+            "the disk is shut down or handed over".into(),
+        ));
     }
     let g = &shared.file.geometry;
     let total = sectors_bytes(g.disk_sectors());
@@ -395,7 +398,7 @@ fn out_is_export(p: &Progress) -> bool {
 fn chunk_bytes(shared: &CowShared) -> u64 {
     let ss = u64::from(shared.file.geometry.sectorsize);
     let c = shared.opts.job_chunk.clamp(ss, 64 << 20);
-    c - c % ss
+    c.saturating_sub(c.checked_rem(ss).unwrap_or(0))
 }
 
 fn sectors_bytes(sectors: u64) -> u64 {
@@ -442,10 +445,7 @@ fn flush(shared: &CowShared) -> Result<(), String> {
     loop {
         if mailbox.take(&mut out) > 0 {
             return match out.first().map(|c| c.result) {
-                Some(Err(errno)) => Err(format!(
-                    "flush: {}",
-                    io::Error::from_raw_os_error(errno)
-                )),
+                Some(Err(errno)) => Err(format!("flush: {}", io::Error::from_raw_os_error(errno))),
                 _ => Ok(()),
             };
         }
@@ -468,7 +468,7 @@ fn copy_run(
     let sectors = f.geometry.sectors_of(run);
     let mut s = sectors.start;
     while s < sectors.end {
-        let n = (sectors.end - s).min(CHUNK_BYTES / SECTOR);
+        let n = sectors.end.saturating_sub(s).min(CHUNK_BYTES / SECTOR);
         let len = usize::try_from(sectors_bytes(n)).unwrap_or(0);
         let piece = buf
             .as_mut_slice()
@@ -511,9 +511,11 @@ fn flatten(shared: &CowShared, p: &Progress) -> Result<Option<String>, String> {
     let f = &shared.file;
     let g = &f.geometry;
     let limit = g.bitmap_sectors();
-    let chunk_bits = (chunk_bytes(shared) / u64::from(g.sectorsize)).max(1);
-    let mut buf =
-        AlignedBuf::new(CHUNK_BYTES as usize).map_err(|e| format!("copy buffer: {e}"))?;
+    let chunk_bits = chunk_bytes(shared)
+        .checked_div(u64::from(g.sectorsize))
+        .unwrap_or(1)
+        .max(1);
+    let mut buf = AlignedBuf::new(CHUNK_BYTES as usize).map_err(|e| format!("copy buffer: {e}"))?;
     let mut b0 = 0u64;
     while b0 < limit {
         p.stopped(shared)?;
@@ -556,7 +558,11 @@ fn claim(shared: &CowShared, p: &Progress, chunk: &Range<u64>) -> Result<Vec<Ran
     let mut s = lock(shared)?;
     if crate::engine::hooks::gate_off("flatten") {
         let runs = route(&shared.file.bitmap, &s.unpersisted, chunk.clone());
-        return Ok(runs.into_iter().filter(|r| !r.2).map(|r| r.0..r.1).collect());
+        return Ok(runs
+            .into_iter()
+            .filter(|r| !r.2)
+            .map(|r| r.0..r.1)
+            .collect());
     }
     while s.gate.busy(chunk, None) {
         p.stopped(shared)?;
@@ -621,7 +627,10 @@ fn finish(shared: &CowShared, chunk: &Range<u64>, runs: &[Range<u64>]) -> Result
 fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>, String> {
     let f = &shared.file;
     let g = &f.geometry;
-    let chunk_bits = (chunk_bytes(shared) / u64::from(g.sectorsize)).max(1);
+    let chunk_bits = chunk_bytes(shared)
+        .checked_div(u64::from(g.sectorsize))
+        .unwrap_or(1)
+        .max(1);
     {
         let mut s = lock(shared)?;
         s.gate.export = Some(ExportMap::new(g.nsect, chunk_bits));
@@ -646,8 +655,8 @@ fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>
             .map(|t| t.display().to_string())
             .unwrap_or_default()
     );
-    let mut buf = AlignedBuf::new(chunk_bytes(shared) as usize)
-        .map_err(|e| format!("copy buffer: {e}"))?;
+    let mut buf =
+        AlignedBuf::new(chunk_bytes(shared) as usize).map_err(|e| format!("copy buffer: {e}"))?;
     let mut cursor = 0u64;
     loop {
         p.stopped(shared)?;
@@ -660,10 +669,9 @@ fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>
         let len = usize::try_from(sectors_bytes(sectors.end.saturating_sub(sectors.start)))
             .map_err(|_| "chunk too large".to_string())?;
         let read = read_chunk(shared, p, &mut buf, c, bits, sectors.start, len);
-        if let Err(e) = read {
-            // Writes must not wait for a chunk nobody will save.
-            return Err(e);
-        }
+        // On an error the job ends, and with it the map: no write waits
+        // for a chunk nobody will save.
+        read?;
         if urgent {
             p.waited.fetch_add(1, Ordering::Relaxed);
         }
@@ -672,7 +680,7 @@ fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>
         // The image was made sparse: zeros need no write.
         for (i, block) in piece.chunks(64 * 1024).enumerate() {
             if block.iter().any(|&b| b != 0) {
-                let at = pos.saturating_add((i * 64 * 1024) as u64);
+                let at = pos.saturating_add((i as u64).saturating_mul(64 * 1024));
                 out.write_all_at(block, at)
                     .map_err(|e| format!("writing the export image at byte {at}: {e}"))?;
             }
@@ -746,8 +754,8 @@ fn read_chunk(
     for (b0, b1, cow) in runs {
         let s0 = (b0 << shift).max(first);
         let s1 = (b1 << shift).min(end);
-        let from = usize::try_from(sectors_bytes(s0 - first)).unwrap_or(0);
-        let to = usize::try_from(sectors_bytes(s1 - first)).unwrap_or(0);
+        let from = usize::try_from(sectors_bytes(s0.saturating_sub(first))).unwrap_or(0);
+        let to = usize::try_from(sectors_bytes(s1.saturating_sub(first))).unwrap_or(0);
         let piece = buf
             .as_mut_slice()
             .get_mut(from..to)

@@ -236,9 +236,8 @@ impl CowQueue {
         } else {
             bits.clone()
         };
-        let slow = |gated: u8| {
-            gated & GATED_EXPORT != 0 || (!all_set && (self.shift > 0 || gated != 0))
-        };
+        let slow =
+            |gated: u8| gated & GATED_EXPORT != 0 || (!all_set && (self.shift > 0 || gated != 0));
         if !slow(shared.gated.load(Ordering::SeqCst)) {
             shared.unregistered.fetch_add(1, Ordering::SeqCst);
             if !slow(shared.gated.load(Ordering::SeqCst)) {
@@ -312,7 +311,7 @@ impl CowQueue {
         match op {
             Op::Write { sector, iov } => self.write(tag, sector, iov, bits, reg),
             Op::Discard { sector, nsect } | Op::WriteZeroes { sector, nsect, .. } => {
-                self.punch(tag, sector, nsect, bits, reg)
+                self.punch(tag, sector, nsect, bits, reg);
             }
             _ => {
                 self.release(reg);
@@ -337,7 +336,10 @@ impl CowQueue {
         );
         for &c in &copies {
             let whole = g.sectors_of(c..c.saturating_add(1));
-            let n = whole.end.saturating_sub(whole.start) as usize * SECTOR as usize;
+            let n = usize::try_from(
+                sectors_to_bytes(whole.end.saturating_sub(whole.start)).unwrap_or(0),
+            )
+            .unwrap_or(0);
             let mut ret = None;
             let op = crate::engine::AlignedBuf::new(len).and_then(|buf| {
                 let (iov, r) = IoVecs::from_buf(buf, n);
@@ -352,7 +354,8 @@ impl CowQueue {
                 )
             });
             self.push(key, op);
-            if let (Some(r), Some(Stage::CopyRead { copies, .. })) = (ret, self.core.stage_mut(key)) {
+            if let (Some(r), Some(Stage::CopyRead { copies, .. })) = (ret, self.core.stage_mut(key))
+            {
                 copies.push((c, r));
             }
         }
@@ -468,7 +471,10 @@ impl CowQueue {
         let key = self.new_slot(tag, Stage::CopyWrite { copies: bits, then });
         for (c, ret) in copies {
             let whole = g.sectors_of(c..c.saturating_add(1));
-            let n = whole.end.saturating_sub(whole.start) as usize * SECTOR as usize;
+            let n = usize::try_from(
+                sectors_to_bytes(whole.end.saturating_sub(whole.start)).unwrap_or(0),
+            )
+            .unwrap_or(0);
             let op = ret.take().ok_or_else(eio).and_then(|buf| {
                 let (iov, _) = IoVecs::from_buf(buf, n);
                 IoOp::rw(
