@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover bench-migration bench-network-base bench-density crash-sweep handover-long fuzz clean
+.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover bench-migration bench-network-base bench-density bench-merge crash-sweep handover-long fuzz clean
 
 all: build
 
@@ -100,6 +100,15 @@ bench-network-base: deps
 # Writes bench/work/density.md (BENCH_OUT).
 bench-density: deps images release
 	python3 bench/density.py
+
+# Offline merge (bench/merge.py): a 4 GiB COW with 20000 random 4 KiB
+# writes over a 4 GiB base of non-zero data, merged by uml_moo and by
+# `vhost-user-ubd merge` (images cmp-equal), warm and cold page cache.
+# Writes bench/work/merge.md (BENCH_OUT); BENCH_SIZE_GIB, BENCH_WRITES,
+# BENCH_REPS tune it.
+bench-merge: deps
+	$(CARGO) build --release
+	python3 bench/merge.py
 
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:

@@ -17,6 +17,7 @@ pub mod file;
 pub mod header;
 pub mod inspect;
 pub mod load;
+pub mod merge;
 
 pub use bitmap::Bitmap;
 pub use file::{create_cow, create_cow_with, BackingCheck, CowFile, CowFileError, OpenCow, Passed};
