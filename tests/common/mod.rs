@@ -20,6 +20,7 @@ pub mod client;
 pub mod daemon;
 pub mod frontend;
 pub mod handover;
+pub mod load;
 
 use std::{
     fs::File,
