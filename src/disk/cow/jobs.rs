@@ -255,6 +255,8 @@ pub fn start(shared: &Arc<CowShared>, req: JobRequest) -> Result<(), DiskError> 
             ("export", *rate, Some(path.clone()), Some(out))
         }
     };
+    // A rate of 0 means no limit, as an absent one.
+    let rate = rate.filter(|r| *r > 0);
     let progress = Arc::new(Progress {
         kind,
         total,
@@ -267,11 +269,27 @@ pub fn start(shared: &Arc<CowShared>, req: JobRequest) -> Result<(), DiskError> 
         target,
         end: Mutex::new(None),
     });
+    if out.is_some() {
+        // The instant is taken before the reply: a write the client sends
+        // after it is never in the image.
+        if let Err(e) = start_instant(shared, &progress) {
+            end_export(shared);
+            if let Some(t) = &progress.target {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(job_error(shared, format!("export: {e}")));
+        }
+    }
     let (sh, p) = (shared.clone(), progress.clone());
     let thread = std::thread::Builder::new()
         .name(format!("ubd-{kind}"))
         .spawn(move || run(&sh, &p, out))
-        .map_err(|e| job_error(shared, format!("cannot start the job's thread: {e}")))?;
+        .map_err(|e| {
+            if kind == "export" {
+                end_export(shared);
+            }
+            job_error(shared, format!("cannot start the job's thread: {e}"))
+        })?;
     log::info!(
         "{}: {kind} started{}{}",
         shared.info.path.display(),
@@ -624,9 +642,11 @@ fn finish(shared: &CowShared, chunk: &Range<u64>, runs: &[Range<u64>]) -> Result
     Ok(())
 }
 
-fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>, String> {
-    let f = &shared.file;
-    let g = &f.geometry;
+/// Takes an export's start instant, before `start` answers: installs the
+/// chunk map, closes the gate, and waits until every write admitted before
+/// it has completed. Every write admitted from then on waits for its chunk.
+fn start_instant(shared: &CowShared, p: &Progress) -> Result<(), String> {
+    let g = &shared.file.geometry;
     let chunk_bits = chunk_bytes(shared)
         .checked_div(u64::from(g.sectorsize))
         .unwrap_or(1)
@@ -636,17 +656,14 @@ fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>
         s.gate.export = Some(ExportMap::new(g.nsect, chunk_bits));
     }
     shared.gated.fetch_or(GATED_EXPORT, Ordering::SeqCst);
-    // The start instant: every write admitted before the gate closed has
-    // completed; every later one waits for its chunk.
     wait_unregistered(shared, p)?;
-    {
-        let mut s = lock(shared)?;
-        while s.gate.writes() > 0 {
-            p.stopped(shared)?;
-            s = wait(shared, s)?;
-        }
-        s.gate.job_waits = false;
+    let mut s = lock(shared)?;
+    while s.gate.writes() > 0 {
+        p.stopped(shared)?;
+        s = wait(shared, s)?;
     }
+    s.gate.job_waits = false;
+    drop(s);
     log::info!(
         "{}: export to {}: start instant taken",
         shared.info.path.display(),
@@ -655,6 +672,29 @@ fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>
             .map(|t| t.display().to_string())
             .unwrap_or_default()
     );
+    Ok(())
+}
+
+/// Opens the gate an export closed (it failed to start, or ended).
+fn end_export(shared: &CowShared) {
+    shared.gated.fetch_and(!GATED_EXPORT, Ordering::SeqCst);
+    if let Ok(mut s) = shared.state.lock() {
+        s.gate.export = None;
+        s.gate.job_waits = false;
+        if s.gate.parked {
+            s.gate.parked = false;
+            shared.channel.wake_parked();
+        }
+    }
+}
+
+fn export(shared: &CowShared, p: &Progress, out: &File) -> Result<Option<String>, String> {
+    let f = &shared.file;
+    let g = &f.geometry;
+    let chunk_bits = chunk_bytes(shared)
+        .checked_div(u64::from(g.sectorsize))
+        .unwrap_or(1)
+        .max(1);
     let mut buf =
         AlignedBuf::new(chunk_bytes(shared) as usize).map_err(|e| format!("copy buffer: {e}"))?;
     let mut cursor = 0u64;
