@@ -155,41 +155,17 @@ pub enum Command {
     /// started again skips what is in the COW already. Waits for the job
     /// (exit status 0 only on success) unless --detach; Ctrl-C leaves the
     /// job running, `cancel` stops it.
-    Flatten {
-        /// The daemon's --control socket.
-        #[arg(long, value_name = "PATH")]
-        control: PathBuf,
-        /// Copy at most this many MB (10^6 bytes) per second.
-        #[arg(long, value_name = "MB/s")]
-        rate: Option<f64>,
-        /// Start the job and return.
-        #[arg(long)]
-        detach: bool,
-        /// Progress as text (a bar on a terminal) or one JSON line per second.
-        #[arg(long, value_enum, default_value = "text")]
-        output: crate::job_cli::Output,
-    },
+    Flatten(JobArgs),
     /// Write the served disk as it is at this instant to a new raw image
     /// while the guest keeps writing (copy-before-write; block job). OUT is
     /// created by the daemon (same user), sparse where the disk reads zeros.
     /// Waits for the job unless --detach; Ctrl-C leaves it running.
     Export {
-        /// The daemon's --control socket.
-        #[arg(long, value_name = "PATH")]
-        control: PathBuf,
+        #[command(flatten)]
+        job: JobArgs,
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
-        /// Copy at most this many MB (10^6 bytes) per second (a chunk a
-        /// guest write waits for is copied at once).
-        #[arg(long, value_name = "MB/s")]
-        rate: Option<f64>,
-        /// Start the job and return.
-        #[arg(long)]
-        detach: bool,
-        /// Progress as text (a bar on a terminal) or one JSON line per second.
-        #[arg(long, value_enum, default_value = "text")]
-        output: crate::job_cli::Output,
         /// The raw image to write.
         out: PathBuf,
     },
@@ -224,6 +200,24 @@ pub enum Command {
         /// The COW file.
         cow: PathBuf,
     },
+}
+
+/// What `flatten` and `export` take.
+#[derive(Debug, clap::Args)]
+pub struct JobArgs {
+    /// The daemon's --control socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+    /// Copy at most this many MB (10^6 bytes) per second (an export copies
+    /// a chunk a guest write waits for at once).
+    #[arg(long, value_name = "MB/s")]
+    pub rate: Option<f64>,
+    /// Start the job and return.
+    #[arg(long)]
+    pub detach: bool,
+    /// Progress as text (a bar on a terminal) or one JSON line per second.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: crate::job_cli::Output,
 }
 
 /// `serve` options.

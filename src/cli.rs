@@ -223,22 +223,8 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Flatten {
-            control,
-            rate,
-            detach,
-            output,
-        } => Ok(crate::job_cli::flatten(&control, rate, detach, output)?),
-        Command::Export {
-            control,
-            force,
-            rate,
-            detach,
-            output,
-            out,
-        } => Ok(crate::job_cli::export(
-            &control, &out, force, rate, detach, output,
-        )?),
+        Command::Flatten(j) => Ok(crate::job_cli::flatten(&j)?),
+        Command::Export { job, force, out } => Ok(crate::job_cli::export(&job, &out, force)?),
         Command::Cancel { control, output } => Ok(crate::job_cli::cancel(&control, output)?),
         Command::Create {
             alignment,

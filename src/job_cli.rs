@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 use vhost_user_ubd::daemon::{self, DaemonError};
 
+use crate::args::JobArgs;
+
 /// How the command reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -25,39 +27,27 @@ pub enum Output {
     Json,
 }
 
-/// Starts a flatten (`rate` in MB/s) and follows it.
-pub fn flatten(
-    control: &Path,
-    rate: Option<f64>,
-    detach: bool,
-    output: Output,
-) -> Result<ExitCode, DaemonError> {
+/// Starts a flatten and follows it.
+pub fn flatten(j: &JobArgs) -> Result<ExitCode, DaemonError> {
     let mut req = json!({"v": 1, "cmd": "flatten"});
-    if let Some(r) = rate {
+    if let Some(r) = j.rate {
         req["rate"] = json!(mb_to_bytes(r));
     }
-    start(control, &req, "flatten", detach, output)
+    start(&j.control, &req, "flatten", j.detach, j.output)
 }
 
 /// Starts a point-in-time export to `out` and follows it.
-pub fn export(
-    control: &Path,
-    out: &Path,
-    force: bool,
-    rate: Option<f64>,
-    detach: bool,
-    output: Output,
-) -> Result<ExitCode, DaemonError> {
+pub fn export(j: &JobArgs, out: &Path, force: bool) -> Result<ExitCode, DaemonError> {
     // The daemon may run in another directory: it gets an absolute path.
     let out = std::path::absolute(out).map_err(|e| DaemonError::Control {
         path: out.to_path_buf(),
         reason: format!("cannot make the path absolute: {e}"),
     })?;
     let mut req = json!({"v": 1, "cmd": "export", "path": out, "force": force});
-    if let Some(r) = rate {
+    if let Some(r) = j.rate {
         req["rate"] = json!(mb_to_bytes(r));
     }
-    start(control, &req, "export", detach, output)
+    start(&j.control, &req, "export", j.detach, j.output)
 }
 
 /// Stops the running job and prints its final status.

@@ -199,6 +199,16 @@ fn terminate(d: &Daemon) {
 }
 
 /// Asserts `bad` (from `read_disk`, `diff_image`) is empty.
+/// Every read of the load equalled the model.
+fn assert_load_clean(what: &str, report: &common::load::Report) {
+    assert!(
+        report.mismatches.is_empty(),
+        "{what}: the load saw {} sectors differ from the model (and failures):\n{}",
+        report.mismatched_sectors,
+        report.mismatches.join("\n")
+    );
+}
+
 fn assert_same(what: &str, bad: &(Vec<String>, usize)) {
     assert!(
         bad.0.is_empty(),
@@ -305,12 +315,7 @@ fn flatten_under_load_leaves_a_cow_that_no_longer_needs_its_backing() {
         let model = disk.model();
         let r = flatten_under_load(&disk, &model, &[], "16", seed(0xF1A7));
         eprintln!("[jobs]   flatten under load: {:?}, job {}", r.report, r.job);
-        assert!(
-            r.report.mismatches.is_empty(),
-            "the load saw {} sectors differ from the model (and failures):\n{}",
-            r.report.mismatched_sectors,
-            r.report.mismatches.join("\n")
-        );
+        assert_load_clean("the load", &r.report);
         assert_eq!(r.job["state"], "completed", "{}", r.job);
         assert_eq!(u(&r.job["bytes_done"]), DISK, "{}", r.job);
         assert_eq!(u(&r.job["bytes_total"]), DISK, "{}", r.job);
@@ -349,12 +354,7 @@ fn flatten_of_a_cow_with_4096_byte_sectors_under_load_copies_up_and_stands_alone
             "[jobs]   flatten 4096 under load: {:?}, job {}",
             r.report, r.job
         );
-        assert!(
-            r.report.mismatches.is_empty(),
-            "the load saw {} sectors differ from the model (and failures):\n{}",
-            r.report.mismatched_sectors,
-            r.report.mismatches.join("\n")
-        );
+        assert_load_clean("the load", &r.report);
         assert_eq!(r.job["state"], "completed", "{}", r.job);
         assert_same("the disk after the flatten", &r.disk_bad);
         assert_cow_stands_alone(&disk, &model);
@@ -423,11 +423,7 @@ fn a_flatten_killed_mid_way_goes_on_where_it_stopped() {
             u(&second["bytes_copied"]),
             DISK - done
         );
-        assert!(
-            report.mismatches.is_empty(),
-            "during the second flatten:\n{}",
-            report.mismatches.join("\n")
-        );
+        assert_load_clean("during the second flatten", &report);
         assert_same(
             "after the second flatten",
             &read_disk(&mut c, spare(), &model, "after the second flatten"),
@@ -567,11 +563,7 @@ fn an_export_under_load_is_the_disk_at_its_start_instant() {
         let model = disk.model();
         let (d, r) = export_under_load(&disk, &model, &[], seed(0xE4B0));
         eprintln!("[jobs]   export under load: {:?}, job {}", r.report, r.job);
-        assert!(
-            r.report.mismatches.is_empty(),
-            "the load:\n{}",
-            r.report.mismatches.join("\n")
-        );
+        assert_load_clean("the load", &r.report);
         assert_eq!(r.job["state"], "completed", "{}", r.job);
         assert_eq!(r.image_len, DISK, "the image's size is the disk's");
         assert_same("the export against the disk at its start", &r.diff);
@@ -615,11 +607,7 @@ fn an_export_under_load_is_the_disk_at_its_start_instant() {
             String::from_utf8_lossy(&output.stderr)
         );
         let (mut c, report) = load.stop();
-        assert!(
-            report.mismatches.is_empty(),
-            "{}",
-            report.mismatches.join("\n")
-        );
+        assert_load_clean("the load", &report);
         assert!(
             report.writes > writes,
             "writes went on during the CLI's export"
@@ -721,11 +709,7 @@ fn cancelling_an_export_removes_its_image_and_the_disk_serves_on() {
             "no write completed after the cancel"
         );
         let (mut c, report) = load.stop();
-        assert!(
-            report.mismatches.is_empty(),
-            "{}",
-            report.mismatches.join("\n")
-        );
+        assert_load_clean("the load", &report);
         assert_same(
             "the disk after the cancel",
             &read_disk(&mut c, spare(), &model, "after the cancel"),
@@ -1074,11 +1058,7 @@ fn a_second_job_a_takeover_an_existing_image_and_a_relative_path_are_refused() {
         assert_eq!(job_of(&disk.control)["state"], "cancelled", "no new job");
 
         let (mut c, report) = load.stop();
-        assert!(
-            report.mismatches.is_empty(),
-            "{}",
-            report.mismatches.join("\n")
-        );
+        assert_load_clean("the load", &report);
         assert!(report.writes > 0, "the load wrote");
         assert_same(
             "the disk after the refusals",
@@ -1132,11 +1112,7 @@ fn jobs_on_a_raw_disk_are_refused_saying_they_need_a_cow() {
         assert!(!out.exists(), "a refused export created its image");
         assert!(job_of(&ctl).is_null(), "no job ran");
         let (mut c, report) = load.stop();
-        assert!(
-            report.mismatches.is_empty(),
-            "{}",
-            report.mismatches.join("\n")
-        );
+        assert_load_clean("the load", &report);
         assert_same(
             "the raw disk",
             &read_disk(&mut c, spare(), &model, "the raw disk"),
@@ -1188,11 +1164,7 @@ fn an_export_excludes_writes_submitted_after_its_start_reply() {
             let job = wait_job_end(&disk.control, JOB_TIMEOUT);
             let (c, report) = load.stop();
             drop(c);
-            assert!(
-                report.mismatches.is_empty(),
-                "{}",
-                report.mismatches.join("\n")
-            );
+            assert_load_clean("the load", &report);
             assert_eq!(job["state"], "completed", "{job}");
             let image = std::fs::read(&out).unwrap();
             let (first, n) = model.diff_image(&image, &ids);
