@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover bench-migration bench-network-base bench-density bench-merge crash-sweep handover-long fuzz clean
+.PHONY: all build release install install-files deps images lint unit test demo bench bench-handover bench-migration bench-network-base bench-density bench-merge bench-jobs crash-sweep handover-long fuzz clean
 
 all: build
 
@@ -109,6 +109,16 @@ bench-density: deps images release
 bench-merge: deps
 	$(CARGO) build --release
 	python3 bench/merge.py
+
+# Block jobs (bench/jobs.py): the disk's sequential bandwidth, a guest
+# (ubd-bench, 4 KiB random reads and writes at qd1) idle and during a
+# flatten and an export (unlimited and rate-limited), and the RSS of a
+# daemon serving a 1 TiB COW with 512- and 4096-byte COW sectors. Writes
+# bench/work/jobs.md (BENCH_OUT); BENCH_BASE_GIB, BENCH_SECONDS,
+# BENCH_REPS, BENCH_RATES, BENCH_EXPORT_RATE tune it (about 8 minutes).
+bench-jobs: deps
+	$(CARGO) build --release --workspace
+	python3 bench/jobs.py
 
 # Larger seeded sweeps of the reliability tests.
 crash-sweep:
