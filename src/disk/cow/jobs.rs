@@ -479,7 +479,7 @@ fn sectors_bytes(sectors: u64) -> u64 {
 /// Waits for the writes admitted before the job gated them (they took no
 /// ticket) to complete.
 fn wait_unregistered(shared: &CowShared, p: &Progress) -> Result<(), String> {
-    while shared.unregistered.load(Ordering::SeqCst) > 0 {
+    while shared.unregistered.total() > 0 {
         p.stopped(shared)?;
         std::thread::sleep(Duration::from_micros(200));
     }

@@ -160,7 +160,7 @@ impl CowDisk {
             stats: Stats::default(),
             journal,
             gated: std::sync::atomic::AtomicU8::new(0),
-            unregistered: AtomicU64::new(0),
+            unregistered: state::Unregistered::default(),
             job_cv: std::sync::Condvar::new(),
             job: jobs::JobSlot::default(),
             file,

@@ -89,6 +89,8 @@ pub(super) struct CowQueue {
     persisting: Vec<(u64, Reg)>,
     /// log2 of 512-byte sectors per COW sector.
     shift: u32,
+    /// This queue's writes in flight without a ticket.
+    unregistered: Arc<super::state::QueueCount>,
 }
 
 impl CowQueue {
@@ -99,6 +101,7 @@ impl CowQueue {
             data_fd: shared.file.data_fd.as_raw_fd(),
             backing_fd: shared.file.backing_fd.as_raw_fd(),
             shift: shared.file.geometry.shift(),
+            unregistered: shared.unregistered.register(),
             shared,
             mailbox,
             at_meta: 0,
@@ -239,7 +242,7 @@ impl CowQueue {
         let slow =
             |gated: u8| gated & GATED_EXPORT != 0 || (!all_set && (self.shift > 0 || gated != 0));
         if !slow(shared.gated.load(Ordering::SeqCst)) {
-            shared.unregistered.fetch_add(1, Ordering::SeqCst);
+            self.unregistered.0.fetch_add(1, Ordering::SeqCst);
             if !slow(shared.gated.load(Ordering::SeqCst)) {
                 return Admit::Go {
                     bits: to_set,
@@ -247,7 +250,7 @@ impl CowQueue {
                     copies: Vec::new(),
                 };
             }
-            shared.unregistered.fetch_sub(1, Ordering::SeqCst);
+            self.unregistered.0.fetch_sub(1, Ordering::SeqCst);
         }
         let Ok(mut guard) = shared.state.lock() else {
             return Admit::Park;
@@ -416,7 +419,7 @@ impl CowQueue {
     fn release(&self, reg: Reg) {
         match reg {
             Reg::Fast => {
-                self.shared.unregistered.fetch_sub(1, Ordering::SeqCst);
+                self.unregistered.0.fetch_sub(1, Ordering::SeqCst);
             }
             Reg::Ticket(t) => {
                 if let Ok(mut s) = self.shared.state.lock() {

@@ -37,6 +37,39 @@ pub struct CowState {
     pub gate: Gate,
 }
 
+/// One queue's count of writes in flight that took no ticket, alone on its
+/// cache line: the fast path of every write touches it, and a count shared
+/// by the queues would bounce between their CPUs.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct QueueCount(pub AtomicU64);
+
+/// The queues' [`QueueCount`]s.
+#[derive(Debug, Default)]
+pub struct Unregistered(Mutex<Vec<std::sync::Weak<QueueCount>>>);
+
+impl Unregistered {
+    /// A new queue's count.
+    pub fn register(&self) -> std::sync::Arc<QueueCount> {
+        let c = std::sync::Arc::new(QueueCount::default());
+        if let Ok(mut v) = self.0.lock() {
+            v.retain(|w| w.strong_count() > 0);
+            v.push(std::sync::Arc::downgrade(&c));
+        }
+        c
+    }
+
+    /// Writes in flight without a ticket, over every queue.
+    pub fn total(&self) -> u64 {
+        self.0.lock().map_or(0, |v| {
+            v.iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .map(|c| c.0.load(std::sync::atomic::Ordering::SeqCst))
+                .fold(0, u64::saturating_add)
+        })
+    }
+}
+
 /// `CowShared::gated`: a flatten runs (cold writes register).
 pub const GATED_FLATTEN: u8 = 1;
 /// `CowShared::gated`: an export runs (every write is checked).
@@ -94,9 +127,10 @@ pub struct CowShared {
     /// Which jobs make writes take the gate ([`GATED_FLATTEN`],
     /// [`GATED_EXPORT`]).
     pub gated: AtomicU8,
-    /// Writes in flight that took no ticket at the gate (a job starting
-    /// waits for them: they were admitted before it was gated).
-    pub unregistered: AtomicU64,
+    /// Writes in flight that took no ticket at the gate, counted per
+    /// queue (a job starting waits for them: they were admitted before it
+    /// was gated).
+    pub unregistered: Unregistered,
     /// A job waits here (with `state`) for writes and copies to end.
     pub job_cv: Condvar,
     /// The block job running or last run.
