@@ -273,7 +273,8 @@ pub fn create_cow_with(
     }
     // UML stores the low 32 bits of st_mtime.
     let mtime = meta.mtime() as u32;
-    let header = CowHeader::new_v3(&abs, mtime, size, alignment, sectorsize).map_err(|e| bad(e.to_string()))?;
+    let header = CowHeader::new_v3(&abs, mtime, size, alignment, sectorsize)
+        .map_err(|e| bad(e.to_string()))?;
     let geometry = header.geometry().map_err(|e| bad(e.to_string()))?;
     let bytes = header.to_v3_bytes().map_err(|e| bad(e.to_string()))?;
     let create = |e: io::Error| CowFileError::Create {

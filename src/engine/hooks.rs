@@ -108,5 +108,6 @@ pub fn gate_off(what: &str) -> bool {
         log::warn!("test hook: the gate's {v} mechanism is off (data will be wrong)");
         Some(v)
     });
-    off.as_deref().is_some_and(|v| v.split(',').any(|w| w == what))
+    off.as_deref()
+        .is_some_and(|v| v.split(',').any(|w| w == what))
 }
