@@ -399,8 +399,8 @@ fn check(
                 "{}: ok: {} header, {} sectors ({} in the COW), backing {} matches, not locked by anyone else",
                 path.display(),
                 f.header.version.name(),
-                f.geometry.nsect,
-                f.bitmap.count_set(),
+                f.geometry.disk_sectors(),
+                (f.bitmap.count_set() << f.geometry.shift()).min(f.geometry.disk_sectors()),
                 f.backing_path.display()
             );
             match disk::cow::journal::pending(journal_dir, &f) {

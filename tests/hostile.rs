@@ -335,7 +335,8 @@ fn cow_headers_that_lie_are_refused_naming_file_and_field() {
     b[32..4128].fill(b'x');
     cases.push(("nonul.cow", b, "NUL"));
     let mut b = bytes.clone();
-    b[20..24].copy_from_slice(&4096u32.to_be_bytes());
+    // 4096 is a valid COW sector (`create --sectorsize`); 1000 is not.
+    b[20..24].copy_from_slice(&1000u32.to_be_bytes());
     cases.push(("sector.cow", b, "sectorsize"));
     let mut b = bytes.clone();
     b[4..8].copy_from_slice(&7u32.to_be_bytes());
