@@ -177,7 +177,7 @@ pub enum Command {
         control: PathBuf,
         /// Print the job's final status as text or JSON.
         #[arg(long, value_enum, default_value = "text")]
-        output: crate::job_cli::Output,
+        output: Output,
     },
     /// Check that a COW file can be served: header, layout, backing, locks.
     /// Exit status 0 only when it is usable.
@@ -202,6 +202,15 @@ pub enum Command {
     },
 }
 
+/// How the command reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// A progress bar on a terminal, a summary line at the end.
+    Text,
+    /// One JSON object per second (the job's status), the last one final.
+    Json,
+}
+
 /// What `flatten` and `export` take.
 #[derive(Debug, clap::Args)]
 pub struct JobArgs {
@@ -217,7 +226,7 @@ pub struct JobArgs {
     pub detach: bool,
     /// Progress as text (a bar on a terminal) or one JSON line per second.
     #[arg(long, value_enum, default_value = "text")]
-    pub output: crate::job_cli::Output,
+    pub output: Output,
 }
 
 /// `serve` options.

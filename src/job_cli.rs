@@ -16,16 +16,7 @@ use serde_json::{json, Value};
 
 use vhost_user_ubd::daemon::{self, DaemonError};
 
-use crate::args::JobArgs;
-
-/// How the command reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// A progress bar on a terminal, a summary line at the end.
-    Text,
-    /// One JSON object per second (the job's status), the last one final.
-    Json,
-}
+use crate::args::{JobArgs, Output};
 
 /// Starts a flatten and follows it.
 pub fn flatten(j: &JobArgs) -> Result<ExitCode, DaemonError> {

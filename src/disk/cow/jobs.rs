@@ -191,9 +191,8 @@ fn job_error(shared: &CowShared, reason: String) -> DiskError {
 }
 
 /// Starts a job (one at a time).
-pub fn start(shared: &Arc<CowShared>, req: JobRequest) -> Result<(), DiskError> {
-    let mut slot = shared
-        .job
+pub fn start(shared: &Arc<CowShared>, job: &JobSlot, req: JobRequest) -> Result<(), DiskError> {
+    let mut slot = job
         .0
         .lock()
         .map_err(|_| job_error(shared, POISONED.into()))?;
@@ -326,21 +325,20 @@ pub fn start(shared: &Arc<CowShared>, req: JobRequest) -> Result<(), DiskError> 
 }
 
 /// The job running or last run.
-pub fn status(shared: &CowShared) -> Option<JobStatus> {
-    let slot = shared.job.0.lock().ok()?;
+pub fn status(job: &JobSlot) -> Option<JobStatus> {
+    let slot = job.0.lock().ok()?;
     slot.as_ref().map(|j| j.progress.status())
 }
 
 /// True while a job runs.
-pub fn running(shared: &CowShared) -> bool {
-    status(shared).is_some_and(|s| s.state == JobState::Running)
+pub fn running(job: &JobSlot) -> bool {
+    status(job).is_some_and(|s| s.state == JobState::Running)
 }
 
 /// Asks the running job to stop; returns once it has.
-pub fn cancel(shared: &CowShared) -> Result<JobStatus, DiskError> {
+pub fn cancel(shared: &CowShared, job: &JobSlot) -> Result<JobStatus, DiskError> {
     let thread = {
-        let mut slot = shared
-            .job
+        let mut slot = job
             .0
             .lock()
             .map_err(|_| job_error(shared, POISONED.into()))?;
@@ -354,13 +352,13 @@ pub fn cancel(shared: &CowShared) -> Result<JobStatus, DiskError> {
     if let Some(t) = thread {
         let _ = t.join();
     }
-    status(shared).ok_or_else(|| job_error(shared, "no job".into()))
+    status(job).ok_or_else(|| job_error(shared, "no job".into()))
 }
 
 /// Stops the job, if one runs (the disk shuts down).
-pub fn stop(shared: &CowShared) {
-    if running(shared) {
-        let _ = cancel(shared);
+pub fn stop(shared: &CowShared, job: &JobSlot) {
+    if running(job) {
+        let _ = cancel(shared, job);
     }
 }
 

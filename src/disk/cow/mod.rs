@@ -51,6 +51,8 @@ use crate::{
 #[derive(Debug)]
 pub struct CowDisk {
     shared: Arc<CowShared>,
+    /// The block job running or last run (`jobs`).
+    job: jobs::JobSlot,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -162,7 +164,6 @@ impl CowDisk {
             gated: std::sync::atomic::AtomicU8::new(0),
             unregistered: state::Unregistered::default(),
             job_cv: std::sync::Condvar::new(),
-            job: jobs::JobSlot::default(),
             file,
         });
         let thread_shared = shared.clone();
@@ -172,6 +173,7 @@ impl CowDisk {
             .map_err(setup)?;
         Ok(Self {
             shared,
+            job: jobs::JobSlot::default(),
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -230,15 +232,15 @@ impl Disk for CowDisk {
     }
 
     fn start_job(&self, job: crate::disk::job::JobRequest) -> Result<(), DiskError> {
-        jobs::start(&self.shared, job)
+        jobs::start(&self.shared, &self.job, job)
     }
 
     fn job(&self) -> Option<crate::disk::job::JobStatus> {
-        jobs::status(&self.shared)
+        jobs::status(&self.job)
     }
 
     fn cancel_job(&self) -> Result<crate::disk::job::JobStatus, DiskError> {
-        jobs::cancel(&self.shared)
+        jobs::cancel(&self.shared, &self.job)
     }
 
     fn resize(&self, _sectors: u64, _force: bool, _drain: &dyn Fn()) -> Result<(), DiskError> {
@@ -294,7 +296,7 @@ impl Disk for CowDisk {
         };
         // A flatten stops where it is (the bitmap keeps what it copied),
         // an export is abandoned.
-        jobs::stop(&self.shared);
+        jobs::stop(&self.shared, &self.job);
         self.shared.closed.store(true, Ordering::Release);
         let (tx, rx) = mpsc::channel();
         self.shared.channel.send(Cmd::Shutdown(tx));

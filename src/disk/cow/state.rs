@@ -11,10 +11,7 @@ use std::{
     time::Instant,
 };
 
-use super::{
-    bitmap_writeback::BitmapWriteback, channel::Channel, gate::Gate, jobs::JobSlot,
-    journal::Journal,
-};
+use super::{bitmap_writeback::BitmapWriteback, channel::Channel, gate::Gate, journal::Journal};
 use crate::{
     cow::CowFile,
     disk::{extents::ExtentSet, DiskInfo, DiskOptions},
@@ -133,6 +130,4 @@ pub struct CowShared {
     pub unregistered: Unregistered,
     /// A job waits here (with `state`) for writes and copies to end.
     pub job_cv: Condvar,
-    /// The block job running or last run.
-    pub job: JobSlot,
 }
