@@ -134,7 +134,11 @@ safe_install() {
   }
   bad=$(echo "$sim" | awk '/^Remv / {print "remove " $2}')
   bad="$bad$(echo "$sim" | awk '/^Inst / && $3 ~ /^\[/ {old=$3; gsub(/[][]/, "", old); new=$4; sub(/^\(/, "", new); print $2, old, new}' |
-    while read -r p old new; do dpkg --compare-versions "$new" lt "$old" && echo " downgrade $p $old -> $new"; done)"
+    while read -r p old new; do
+      # an `if`, not `&&`: an upgrade (the common case) must not leave the
+      # loop, and with it this assignment, failing under `set -e`
+      if dpkg --compare-versions "$new" lt "$old"; then echo " downgrade $p $old -> $new"; fi
+    done)"
   [ -z "$bad" ] || die "installing '$*' would $bad; refusing (this script never removes or downgrades what the machine has). Set VUB_QEMU_SUITE to the suite of your QEMU packages."
   say "apt-get install $*"
   [ -n "$DRY" ] && return 0
